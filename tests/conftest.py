@@ -1,0 +1,33 @@
+"""Shared fixtures: real datasets prepared from ../shared/data (never synthetic stand-ins)."""
+import os
+
+import pytest
+import torch
+
+from repro import data
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    root = data.data_root()
+    missing = [n for n in data.NAMES if not (root / f"{n}.npz").exists()]
+    if missing:
+        data.prepare_offline(root, missing)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root):
+    return data.load("mnist", data_root)
+
+
+@pytest.fixture(scope="session")
+def cifar10(data_root):
+    return data.load("cifar10", data_root)
+
+
+@pytest.fixture(scope="session")
+def cifar100(data_root):
+    return data.load("cifar100", data_root)
