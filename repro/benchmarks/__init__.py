@@ -1,0 +1,1 @@
+"""Speed benchmarks: `python -m repro bench NAME`; each module has main(argv)."""

@@ -1,0 +1,143 @@
+"""Command line: ``python -m repro {run,experiment,params,data,bench} ...``.
+
+    python -m repro run lmt --preset laptop -p epochs 5      # validate, then papermill
+    python -m repro experiment lmt --preset gpu              # same results, no Jupyter
+    python -m repro params lmt                               # list parameters and presets
+    python -m repro data prepare                             # offline data -> .data/
+    python -m repro bench pgd --device cuda                  # speed benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+from repro import experiments, params
+
+
+def _overrides(pairs) -> dict:
+    return {name: params.parse_cli_value(value) for name, value in (pairs or [])}
+
+
+def _add_chapter_args(p):
+    p.add_argument("chapter", help=f"one of: {', '.join(experiments.CHAPTERS)}")
+    p.add_argument("--preset", default="smoke", help="smoke, laptop, gpu or paper")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override one parameter (repeatable)")
+
+
+def validate_notebook(chapter: str, preset: str, overrides: dict) -> dict:
+    """Check the overrides against the chapter's spec and the notebook's declared parameters
+    before anything executes; returns the resolved config."""
+    spec = experiments.get(chapter).SPEC
+    config = spec.resolve(preset, **overrides)
+    nb = experiments.notebook_path(chapter)
+    import papermill
+    declared = set(papermill.inspect_notebook(str(nb)))
+    expected = {"preset", *spec.by_name}
+    if declared != expected:
+        raise params.ParameterError(
+            f"{nb} declares parameters {sorted(declared)} but the chapter spec has "
+            f"{sorted(expected)}: the notebook and repro/experiments/{chapter}.py disagree")
+    return config
+
+
+def cmd_run(args) -> int:
+    overrides = _overrides(args.parameter)
+    try:
+        validate_notebook(args.chapter, args.preset, overrides)
+    except params.ParameterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import papermill
+    out = Path(args.output or f"_build/executed/{args.chapter}-{args.preset}.ipynb")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    papermill.execute_notebook(str(experiments.notebook_path(args.chapter)), str(out),
+                               parameters={"preset": args.preset, **overrides},
+                               kernel_name=args.kernel, progress_bar=False,
+                               cwd=str(experiments.NOTEBOOKS))
+    print(f"{args.chapter} [{args.preset}] executed in {time.time() - start:.1f}s -> {out}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    module = experiments.get(args.chapter)
+    try:
+        module.SPEC.resolve(args.preset, **_overrides(args.parameter))
+    except params.ParameterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.time()
+    result = module.run(args.preset, **_overrides(args.parameter))
+    summary = result.get("summary", {}) if isinstance(result, dict) else {}
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"{args.chapter} [{args.preset}] finished in {time.time() - start:.1f}s")
+    return 0
+
+
+def cmd_params(args) -> int:
+    spec = experiments.get(args.chapter).SPEC
+    print(f"parameters of {args.chapter}:\n  {spec.describe()}\n")
+    for preset, values in spec.presets.items():
+        print(f"{preset}: {json.dumps(values)}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from repro import data
+    if args.action == "prepare":
+        root = data.prepare_offline(args.root, args.names or data.NAMES)
+        print(f"data ready in {root}")
+    else:
+        for name in args.names or data.NAMES:
+            print(data.load(name, args.root))
+    return 0
+
+
+def benchmarks() -> list[str]:
+    import repro.benchmarks as b
+    return sorted(m.name for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_"))
+
+
+def cmd_bench(args, rest) -> int:
+    if args.name not in benchmarks():
+        print(f"error: unknown benchmark {args.name!r}; have: {', '.join(benchmarks())}",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(f"repro.benchmarks.{args.name}").main(rest) or 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repro", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="validate parameters, then execute a chapter notebook")
+    _add_chapter_args(p)
+    p.add_argument("--output", help="executed notebook path (default _build/executed/...)")
+    p.add_argument("--kernel", default="python3")
+    p = sub.add_parser("experiment", help="compute a chapter's results without Jupyter")
+    _add_chapter_args(p)
+    p = sub.add_parser("params", help="list a chapter's parameters and presets")
+    p.add_argument("chapter")
+    p = sub.add_parser("data", help="prepare or list datasets")
+    p.add_argument("action", choices=["prepare", "show"])
+    p.add_argument("names", nargs="*")
+    p.add_argument("--root", default=None)
+    p = sub.add_parser("bench", help="speed benchmarks (extra arguments go to the benchmark)")
+    p.add_argument("name")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    return {"run": cmd_run, "experiment": cmd_experiment, "params": cmd_params,
+            "data": cmd_data}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

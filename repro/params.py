@@ -1,0 +1,170 @@
+"""Chapter parameters: presets, per-parameter overrides, and strict validation.
+
+papermill only *warns* on a parameter the notebook does not declare, so a typo like
+``-p epoch 5`` silently runs the default. Here every chapter declares its parameters with
+types; an unknown name, an ill-typed value or an unknown preset stops the run before any work
+starts, with a message that names the culprit and lists what is valid.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+PRESETS = ("smoke", "laptop", "gpu", "paper")
+PRESET_HELP = {
+    "smoke": "CPU, about a minute: a few hundred images, tiny widths; proves the pipeline",
+    "laptop": "2 CPU cores, about 15 minutes: real data, small models, short schedules",
+    "gpu": "one H100, <= ~25 GPU-minutes, resumable in <= 10-minute pieces; published",
+    "paper": "the paper's own setup, for readers with hours of GPU",
+}
+
+
+class ParameterError(ValueError):
+    """A chapter parameter is unknown, ill-typed, or names an unknown preset."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # "int", "float", "str", "bool", "list[float]", "list[int]", "list[str]"
+    help: str
+    choices: tuple | None = None
+    optional: bool = False  # None is a legal value (e.g. "no limit")
+
+    def describe(self) -> str:
+        kind = self.type + (" or None" if self.optional else "")
+        extra = f", one of {'|'.join(map(str, self.choices))}" if self.choices else ""
+        return f"{self.name} ({kind}{extra}): {self.help}"
+
+    def check(self, value: Any) -> Any:
+        """Return the value (ints widened to float where a float is declared) or raise."""
+        if value is None and self.optional:
+            return None
+        ok, coerced = _check_type(self.type, value)
+        if not ok:
+            raise ParameterError(f"parameter {self.name!r} must be {self.type}"
+                                 f"{' or None' if self.optional else ''}, got {value!r} "
+                                 f"({type(value).__name__})")
+        if self.choices is not None:
+            items = coerced if self.type.startswith("list") else [coerced]
+            bad = [v for v in items if v not in self.choices]
+            if bad:
+                raise ParameterError(f"parameter {self.name!r} got {bad[0]!r}; valid choices: "
+                                     f"{', '.join(map(str, self.choices))}")
+        return coerced
+
+
+def _check_type(kind: str, value: Any) -> tuple[bool, Any]:
+    scalar = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+    }
+    if kind in scalar:
+        if not scalar[kind](value):
+            return False, None
+        return True, float(value) if kind == "float" else value
+    if kind.startswith("list[") and kind.endswith("]"):
+        inner = kind[5:-1]
+        if not isinstance(value, (list, tuple)) or not all(scalar[inner](v) for v in value):
+            return False, None
+        return True, [float(v) if inner == "float" else v for v in value]
+    raise ValueError(f"unsupported parameter type {kind!r}")
+
+
+@dataclass
+class Spec:
+    """The parameters of one chapter and their values at each preset."""
+
+    chapter: str
+    params: list[Param]
+    presets: dict[str, dict[str, Any]]
+    by_name: dict[str, Param] = field(init=False)
+
+    def __post_init__(self):
+        self.by_name = {p.name: p for p in self.params}
+        for preset, values in self.presets.items():
+            if preset not in PRESETS:
+                raise ValueError(f"{self.chapter}: unknown preset {preset!r} in spec")
+            missing = set(self.by_name) - set(values)
+            unknown = set(values) - set(self.by_name)
+            if missing or unknown:
+                raise ValueError(f"{self.chapter}/{preset}: preset values missing {sorted(missing)}"
+                                 f" or unknown {sorted(unknown)}")
+
+    def describe(self) -> str:
+        lines = [f"preset (str): one of {', '.join(self.presets)}"]
+        lines += [p.describe() for p in self.params]
+        return "\n  ".join(lines)
+
+    def resolve(self, preset: str = "smoke", **overrides) -> dict[str, Any]:
+        """The full config for ``preset`` with ``overrides`` applied; strict.
+
+        An override of None keeps the preset's value (a notebook's parameters cell uses None
+        for "the preset decides").
+        """
+        if not isinstance(preset, str) or preset not in self.presets:
+            raise ParameterError(
+                f"unknown preset {preset!r} for chapter {self.chapter!r}; valid presets: "
+                + "; ".join(f"{p} ({PRESET_HELP[p]})" for p in self.presets))
+        unknown = [k for k in overrides if k not in self.by_name]
+        if unknown:
+            raise ParameterError(
+                f"unknown parameter {unknown[0]!r} for chapter {self.chapter!r}. "
+                f"Valid parameters and their types:\n  {self.describe()}")
+        config = dict(self.presets[preset])
+        for name, value in overrides.items():
+            if value is None and not self.by_name[name].optional:
+                continue
+            config[name] = self.by_name[name].check(value)
+        for name, value in config.items():  # the presets themselves must type-check too
+            config[name] = self.by_name[name].check(value)
+        return {"chapter": self.chapter, "preset": preset, **config}
+
+
+# Names a Jupyter kernel defines by itself; never chapter parameters.
+_KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+_CHECKED = "_repro_params_checked"
+
+
+def from_notebook(spec: Spec, namespace: dict) -> dict[str, Any]:
+    """Validate a notebook's parameters (its globals after papermill's injected cell).
+
+    Call it in the cell right after the parameters cell. Every plain value defined by then
+    must be a declared parameter, so a name papermill injected but the notebook does not
+    know is an error, not a silently ignored value.
+    """
+    first_time = not namespace.get(_CHECKED)
+    given = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name in _KERNEL_NAMES:
+            continue
+        if isinstance(value, (types.ModuleType, types.FunctionType, type)) or callable(value):
+            continue
+        if name == "preset" or name in spec.by_name:
+            given[name] = value
+        elif first_time:  # a re-run in a live session has the notebook's own later names
+            raise ParameterError(
+                f"unknown parameter {name!r} for chapter {spec.chapter!r}. "
+                f"Valid parameters and their types:\n  {spec.describe()}")
+    namespace[_CHECKED] = True
+    preset = given.pop("preset", "smoke")
+    return spec.resolve(preset, **given)
+
+
+def parse_cli_value(text: str) -> Any:
+    """Parse a ``-p name value`` string the way papermill does (YAML-like literals)."""
+    import ast
+    lowered = text.strip()
+    if lowered in ("None", "null", "none"):
+        return None
+    if lowered in ("True", "true"):
+        return True
+    if lowered in ("False", "false"):
+        return False
+    try:
+        return ast.literal_eval(lowered)
+    except (ValueError, SyntaxError):
+        return text
