@@ -1,0 +1,196 @@
+"""Training objectives: one callable per method, ``objective(model, batch, state) -> (loss, logs)``.
+
+``batch`` has ``x`` (float images in [0, 1]), ``y`` and ``index`` (positions in the training
+set, for per-example state such as BAT's weights). ``state`` says where training is (epoch,
+global step, total steps, ``fraction`` done for ramps such as LMT's c) and carries
+``generator``, a random generator that is a pure function of (seed, step): attacks draw their
+random starts from it, so a resumed run draws exactly what an uninterrupted one would.
+
+``logs`` maps names to floats or 0-d tensors (tensors avoid a host sync per step; the
+trainer averages them). An objective with state across steps (LMT's power-iteration
+vectors) implements ``state_dict()`` / ``load_state_dict()`` and the trainer checkpoints it.
+New methods subclass ``Objective`` (or are any callable of the same form).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from repro import losses
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class StepState:
+    epoch: int
+    step: int              # global optimisation step, 0-based
+    total_steps: int
+    steps_per_epoch: int
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of training done before this step, in [0, 1)."""
+        return self.step / max(1, self.total_steps)
+
+
+class Objective:
+    """Base class: hyperparameters as attributes, ``config()`` lists them for run records."""
+
+    name = "objective"
+
+    def __call__(self, model: nn.Module, batch: Batch, state: StepState):
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: v for k, v in vars(self).items()
+                                      if not k.startswith("_") and isinstance(v, (int, float, str, bool))}}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{self.name}({args})"
+
+
+class Standard(Objective):
+    """Cross-entropy on clean images."""
+
+    name = "standard"
+
+    def __call__(self, model, batch, state):
+        logits = model(batch.x)
+        loss = losses.cross_entropy(logits, batch.y)
+        return loss, {"loss": loss.detach(), "acc": losses.accuracy(logits.detach(), batch.y)}
+
+
+class PGDAT(Objective):
+    """Madry et al. (2018): cross-entropy on PGD adversarial examples only."""
+
+    name = "pgd_at"
+
+    def __init__(self, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
+        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
+                            steps=self.steps, norm=self.norm, generator=state.generator)
+        logits = model(x_adv)
+        loss = losses.cross_entropy(logits, batch.y)
+        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
+
+
+class TRADES(Objective):
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximising the KL.
+
+    The attack starts uniformly in the eps-ball (repro.attacks' random start) where the
+    official code starts at x + 0.001 * N(0, 1); both then take ``steps`` signed steps.
+    """
+
+    name = "trades"
+
+    def __init__(self, beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
+        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
+                            steps=self.steps, norm=self.norm, loss="kl", generator=state.generator)
+        logits_clean = model(batch.x)
+        logits_adv = model(x_adv)
+        natural = losses.cross_entropy(logits_clean, batch.y)
+        robust = losses.trades_kl(logits_adv, logits_clean)
+        loss = natural + self.beta * robust
+        return loss, {"loss": loss.detach(), "natural": natural.detach(), "kl": robust.detach(),
+                      "acc": losses.accuracy(logits_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
+
+
+class ALP(Objective):
+    """Adversarial logit pairing (Kannan et al. 2018), in HE's form:
+    (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y) + beta * ||logits(x) - logits(x_adv)||^2,
+    with w = ``adv_weight`` (0.5: the mixed-batch version) and x_adv from a CE PGD attack."""
+
+    name = "alp"
+
+    def __init__(self, beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
+                 adv_weight=0.5):
+        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
+        self.adv_weight = adv_weight
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
+                            steps=self.steps, norm=self.norm, generator=state.generator)
+        logits_clean = model(batch.x)
+        logits_adv = model(x_adv)
+        ce_clean = losses.cross_entropy(logits_clean, batch.y)
+        ce_adv = losses.cross_entropy(logits_adv, batch.y)
+        pairing = losses.logit_pairing(logits_adv, logits_clean)
+        loss = (1 - self.adv_weight) * ce_clean + self.adv_weight * ce_adv + self.beta * pairing
+        return loss, {"loss": loss.detach(), "pairing": pairing.detach(),
+                      "acc": losses.accuracy(logits_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
+
+
+class FGSMRS(Objective):
+    """"Fast is better than free" (Wong et al. 2020): one FGSM step of size ``alpha`` from a
+    uniform random start in the eps-ball, projected back; CE on the result."""
+
+    name = "fgsm_rs"
+
+    def __init__(self, eps=8 / 255, alpha=10 / 255):
+        self.eps, self.alpha = eps, alpha
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        x_adv = attacks.fgsm(model, batch.x, batch.y, eps=self.eps, random_start=True,
+                             alpha=self.alpha, generator=state.generator)
+        logits = model(x_adv)
+        loss = losses.cross_entropy(logits, batch.y)
+        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
+
+
+def standard() -> Standard:
+    return Standard()
+
+
+def pgd_at(eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> PGDAT:
+    return PGDAT(eps, alpha, steps, norm)
+
+
+def trades(beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> TRADES:
+    return TRADES(beta, eps, alpha, steps, norm)
+
+
+def alp(beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", adv_weight=0.5) -> ALP:
+    return ALP(beta, eps, alpha, steps, norm, adv_weight)
+
+
+def fgsm_rs(eps=8 / 255, alpha=10 / 255) -> FGSMRS:
+    return FGSMRS(eps, alpha)
+
+
+OBJECTIVES = {"standard": standard, "pgd_at": pgd_at, "trades": trades, "alp": alp,
+              "fgsm_rs": fgsm_rs}
+
+
+def build(name: str, **kw) -> Objective:
+    """An objective by name, e.g. ``build("trades", beta=6)``."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](**kw)
