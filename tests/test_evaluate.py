@@ -1,0 +1,132 @@
+"""Evaluation on the tiny real-MNIST CNN of test_attacks.py: per-example results, official
+AutoAttack, and the gradient-masking report (including on a model that masks gradients)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from repro import attacks as A
+from repro import evaluate as E
+from test_attacks import EPS, tiny_mnist_cnn  # one trained model per test process
+
+N = 100  # AutoAttack's APGD-T (9 targets x 100 steps) dominates the run time
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_attacks.one_thread
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(mnist):
+    return tiny_mnist_cnn(mnist)
+
+
+@pytest.fixture(scope="module")
+def xy(mnist):
+    return mnist.x_test[:N], mnist.y_test[:N]  # uint8: evaluate converts
+
+
+def pgd10(eps=EPS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return lambda m, x, y: A.pgd(m, x, y, eps=eps, alpha=eps / 4, steps=10, generator=g)
+
+
+def fgsm(m, x, y):
+    return A.fgsm(m, x, y, eps=EPS)
+
+
+@pytest.fixture(scope="module")
+def pgd_result(model, xy):
+    return E.robust_eval(model, *xy, {"pgd10": pgd10(), "fgsm": fgsm}, batch_size=64,
+                         progress=False, threat=("linf", EPS))
+
+
+def test_robust_eval_per_example_worst_case(pgd_result, model, xy):
+    r = pgd_result
+    assert r.n == N and r.clean.dtype == bool and r.per_attack["pgd10"].dtype == bool
+    np.testing.assert_array_equal(r.worst, r.clean & r.per_attack["pgd10"] & r.per_attack["fgsm"])
+    assert not (r.per_attack["pgd10"] & ~r.clean).any()  # misclassified clean is not robust
+    acc = r.accuracy()
+    assert acc["worst"] <= min(acc["pgd10"], acc["fgsm"]) and acc["pgd10"] < acc["clean"] - 0.2
+    clean = (E.predict(model, xy[0]) == xy[1]).numpy()
+    np.testing.assert_array_equal(r.clean, clean)
+    back = E.EvalResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.accuracy() == acc and back.info == r.info
+
+
+def test_robust_eval_is_batch_size_invariant(model, xy):
+    det = lambda m, x, y: A.pgd(m, x, y, eps=EPS, alpha=EPS / 4, steps=5,  # noqa: E731
+                                random_start=False)
+    a = E.robust_eval(model, *xy, [det], batch_size=N, progress=False)
+    b = E.robust_eval(model, *xy, [det], batch_size=37, progress=False)
+    np.testing.assert_array_equal(a.per_attack["<lambda>"], b.per_attack["<lambda>"])
+
+
+def test_threat_check_catches_an_attack_that_cheats(model, xy):
+    def cheat(m, x, y):
+        return (x + 2 * EPS * torch.randn_like(x).sign()).clamp(0, 1)
+    with pytest.raises(AssertionError, match="left the threat model"):
+        E.robust_eval(model, *xy, {"cheat": cheat}, progress=False, threat=("linf", EPS))
+
+
+@pytest.fixture(scope="module")
+def aa_fast(model, xy):
+    return E.autoattack(model, *xy, eps=EPS, norm="Linf", version="fast", batch_size=N)
+
+
+def test_autoattack_fast_is_at_least_as_strong_as_pgd(aa_fast, pgd_result):
+    key = "autoattack-fast"
+    info = aa_fast.info[key]
+    assert info["version"] == "fast" and info["attacks"] == ["apgd-ce", "apgd-t"]
+    assert info["package"] == "pyautoattack" and info["overrides"] == {}
+    merged = pgd_result.merge(aa_fast)
+    acc = merged.accuracy()
+    print(f"\nclean {acc['clean']:.3f}  PGD-10 {acc['pgd10']:.3f}  AutoAttack-fast "
+          f"{acc[key]:.3f}  gap {100 * (acc['pgd10'] - acc[key]):.1f} points (n={N})")
+    assert acc[key] <= acc["pgd10"]
+    assert acc["worst"] <= acc[key]
+
+
+def test_autoattack_standard_says_which(model, xy):
+    x, y = xy[0][:8], xy[1][:8]
+    r = E.autoattack(model, x, y, eps=EPS, version="standard", n_iter=10, square_queries=100)
+    (key,) = r.per_attack
+    assert key == "autoattack-standard-modified"  # reduced budgets are not "standard"
+    assert r.info[key]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert r.info[key]["overrides"] == {"n_iter": 10, "square_queries": 100}
+    assert r.per_attack[key].sum() <= r.clean.sum()
+
+
+def test_sanity_report_passes_on_a_standard_model(model, xy):
+    rep = E.sanity_report(model, *xy, eps=EPS, square_queries=200,
+                          aa_n_iter=50)
+    print("\n" + str(rep))
+    for name in ("large_eps", "more_steps", "autoattack_not_above_pgd",
+                 "pgd_close_to_autoattack", "blackbox_not_better", "zero_gradients"):
+        assert rep[name].passed, str(rep[name])
+        assert name in str(rep)
+    json.dumps(rep.to_dict())
+
+
+class Quantize(nn.Module):
+    """Input quantisation without a straight-through gradient: a textbook masked gradient."""
+
+    def forward(self, x):
+        return torch.round(x * 4) / 4
+
+
+def test_sanity_report_flags_masked_gradients(model, xy):
+    masked = nn.Sequential(Quantize(), model)
+    rep = E.sanity_report(masked, *xy, eps=0.2, square_queries=200,
+                          aa_n_iter=10)
+    print("\n" + str(rep))
+    assert not rep.passed
+    assert not rep["zero_gradients"].passed
+    assert rep["zero_gradients"].observed["fraction"] == 1.0
+    assert not rep["blackbox_not_better"].passed
