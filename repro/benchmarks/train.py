@@ -1,0 +1,185 @@
+"""Speed of one PGD-10 adversarial-training step of PreAct-ResNet-18 on CIFAR-10 batches:
+the repro trainer against a reference loop written the way most research code is.
+
+    python -m repro bench train --device cuda --batch-size 128 --steps 20
+    python -m repro bench train --device cpu --width 16 --batch-size 64 --steps 5
+
+The reference loop (after Rice et al. 2020's ``train_cifar.py``): a Dataset that pads, crops
+and flips each image on the CPU, a DataLoader, fp32 NCHW, and a PGD attack that calls
+``loss.backward()`` in train mode (so it also computes every weight gradient it throws away).
+The repro path is ``repro.train.train`` with ``repro.objectives.pgd_at``: data resident on
+the device with batched augmentation, attack in eval mode with frozen weights, bf16 autocast
+and channels_last on CUDA. Both train the same network from the same initial weights with the
+same batch size, epsilon, step size and number of attack steps; only the steady state is timed
+(after ``--warmup`` steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from repro import data, models, objectives
+from repro.train import TrainConfig, resolve_device, train
+
+EPS, ALPHA, ATTACK_STEPS = 8 / 255, 2 / 255, 10
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timed:
+    """Wraps an objective and stamps the clock at every call (after the previous step ended)."""
+
+    def __init__(self, objective, device):
+        self.objective, self.device, self.stamps = objective, device, []
+
+    def config(self):
+        return self.objective.config()
+
+    def __call__(self, model, batch, state):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return self.objective(model, batch, state)
+
+
+def time_repro(model, dataset, batch_size, steps, warmup, device, compile=False) -> list[float]:
+    """Seconds of each of ``steps`` full trainer steps after ``warmup`` untimed ones."""
+    timed = _Timed(objectives.pgd_at(EPS, ALPHA, ATTACK_STEPS), device)
+    cfg = TrainConfig(steps=warmup + steps + 1, batch_size=batch_size, lr=0.1, momentum=0.9,
+                      weight_decay=5e-4, schedule="constant", augment=True, val_every=0,
+                      checkpoint_every=0, compile=compile)
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(model, timed, dataset, cfg, run_dir, device=device, progress=False)
+    return list(np.diff(timed.stamps[warmup:warmup + steps + 1]))
+
+
+class _PerImageCIFAR(torch.utils.data.Dataset):
+    """The usual transform stack, per image on the CPU: pad 4 + random crop, random flip,
+    to float tensor (what ``RandomCrop(32, 4), RandomHorizontalFlip(), ToTensor()`` do)."""
+
+    def __init__(self, x_uint8_nchw, y):
+        self.x = x_uint8_nchw.permute(0, 2, 3, 1).numpy()  # HWC, as images are stored on disk
+        self.y = y.numpy()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        img = np.pad(self.x[i], ((4, 4), (4, 4), (0, 0)))
+        top, left = np.random.randint(0, 9, size=2)
+        img = img[top:top + 32, left:left + 32]
+        if np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255)
+        return img, int(self.y[i])
+
+
+def _reference_attack(model, X, y, eps, alpha, steps):
+    """PGD as in Rice et al.'s ``attack_pgd``: model left in train mode, ``loss.backward()``."""
+    delta = torch.zeros_like(X).uniform_(-eps, eps)
+    delta = torch.clamp(delta, -X, 1 - X)
+    delta.requires_grad = True
+    for _ in range(steps):
+        loss = F.cross_entropy(model(X + delta), y)
+        loss.backward()
+        grad = delta.grad.detach()
+        d = torch.clamp(delta + alpha * torch.sign(grad), -eps, eps)
+        delta.data = torch.clamp(d, -X, 1 - X)
+        delta.grad.zero_()
+    return delta.detach()
+
+
+def time_reference(model, dataset, batch_size, steps, warmup, device, workers=0) -> list[float]:
+    """Seconds of each of ``steps`` steps of the research-style loop after ``warmup``."""
+    loader = torch.utils.data.DataLoader(
+        _PerImageCIFAR(dataset.x_train, dataset.y_train), batch_size=batch_size, shuffle=True,
+        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model.to(device).train()
+    stamps = []
+    for i, (X, y) in enumerate(loader):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        if i == warmup + steps:
+            break
+        X, y = X.to(device), y.to(device)
+        delta = _reference_attack(model, X, y, EPS, ALPHA, ATTACK_STEPS)
+        loss = F.cross_entropy(model(torch.clamp(X + delta, 0, 1)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return list(np.diff(stamps[warmup:warmup + steps + 1]))
+
+
+def run(device=None, batch_size=128, steps=20, warmup=3, width=64, compile=False,
+        ref_workers=0, rounds=1, seed=0) -> dict:
+    """Time both paths, alternating them for ``rounds`` rounds (on a shared machine, load
+    changes over time; alternating spreads it evenly). Images/s use the median step time."""
+    device = resolve_device(device)
+    ds = data.load("cifar10")
+    ds = ds.limit(n_train=(warmup + steps + 1) * batch_size, n_val=0, n_test=0)
+    torch.manual_seed(seed)
+    init = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=width)
+    state = {k: v.clone() for k, v in init.state_dict().items()}
+
+    def fresh():
+        m = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=width)
+        m.load_state_dict(state)
+        return m
+
+    ref_steps, our_steps = [], []
+    for _ in range(rounds):
+        ref_steps += time_reference(fresh(), ds, batch_size, steps, warmup, device, ref_workers)
+        our_steps += time_repro(fresh(), ds, batch_size, steps, warmup, device, compile)
+    ref, ours = batch_size / np.median(ref_steps), batch_size / np.median(our_steps)
+    return {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "model": f"preact_resnet18(width={width})", "batch_size": batch_size,
+            "timed_steps": steps * rounds, "attack": f"PGD-{ATTACK_STEPS} linf eps 8/255",
+            "reference_img_s": round(ref, 2), "repro_img_s": round(ours, 2),
+            "speedup": round(ours / ref, 3),
+            "reference_mean_img_s": round(batch_size / np.mean(ref_steps), 2),
+            "repro_mean_img_s": round(batch_size / np.mean(our_steps), 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m repro bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--width", type=int, default=64, help="PreAct-ResNet-18 base width (64 = paper)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two paths this often")
+    p.add_argument("--compile", action="store_true", help="torch.compile the repro model")
+    p.add_argument("--ref-workers", type=int, default=0, help="DataLoader workers of the reference")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (1 is steadier on a shared machine)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = run(args.device, args.batch_size, args.steps, args.warmup, args.width, args.compile,
+            args.ref_workers, args.rounds)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"PGD-10 adversarial training step, {r['model']}, batch {r['batch_size']}, "
+              f"{r['device']} (torch {r['torch']}, {r['threads']} threads), {r['timed_steps']} timed steps each")
+        print(f"  reference loop : {r['reference_img_s']:10.1f} images/s (median step; "
+              f"mean {r['reference_mean_img_s']:.1f})")
+        print(f"  repro trainer  : {r['repro_img_s']:10.1f} images/s (median step; "
+              f"mean {r['repro_mean_img_s']:.1f})")
+        print(f"  speed-up       : {r['speedup']:10.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
