@@ -28,6 +28,7 @@ def eval_mode(model: torch.nn.Module):
 
     Modes are restored per module, so a model that was deliberately mixed (e.g. frozen BN
     inside a training model) comes back exactly as it was, also after an exception.
+    Gradients are enabled inside, so attacks also work when called under ``torch.no_grad``.
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -35,7 +36,8 @@ def eval_mode(model: torch.nn.Module):
     for p, _ in flags:
         p.requires_grad_(False)  # only input gradients are needed: no weight-grad graph
     try:
-        yield model
+        with torch.enable_grad():
+            yield model
     finally:
         for m, mode in modes:
             m.training = mode

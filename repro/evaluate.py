@@ -7,6 +7,7 @@ samples) need to know *which* examples survived. Every AutoAttack result says wh
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -44,8 +45,8 @@ def _norms(norm: str) -> tuple[str, str]:
 @dataclass
 class EvalResult:
     """Per-example correctness: ``clean`` and one array per attack (each already AND-ed with
-    ``clean``: a point misclassified without attack is not robust). ``info`` describes how
-    each entry was produced (attack settings, AutoAttack version, warnings)."""
+    ``clean``: a point misclassified without attack is not robust). ``info[name]`` says how
+    each entry was produced (attack settings, threat model, AutoAttack version, warnings)."""
 
     clean: np.ndarray
     per_attack: dict[str, np.ndarray] = field(default_factory=dict)
@@ -106,6 +107,18 @@ def _check_threat(x_adv, x, threat, name):
                              f"[{x_adv.min().item():.4g}, {x_adv.max().item():.4g}]")
 
 
+def _describe(attack) -> str:
+    """Provenance: 'repro.attacks.pgd(eps=0.03137, steps=10, ...)' for a functools.partial
+    (the way to pass settings), else the callable's name."""
+    if isinstance(attack, functools.partial):
+        val = lambda v: (f"Generator(seed={v.initial_seed()})"  # noqa: E731
+                         if isinstance(v, torch.Generator) else repr(v))
+        args = [val(a) for a in attack.args] + [f"{k}={val(v)}" for k, v in attack.keywords.items()]
+        return f"{_describe(attack.func)}({', '.join(args)})"
+    name = getattr(attack, "__qualname__", type(attack).__qualname__)
+    return f"{getattr(attack, '__module__', '')}.{name}".lstrip(".")
+
+
 def predict(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device=None) -> torch.Tensor:
     """Eval-mode argmax predictions (on the CPU) for uint8 or float images."""
@@ -152,8 +165,9 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                          [("clean", clean), *per.items()]}, refresh=False)
     bar.close()
     cat = lambda v: torch.cat(v).numpy() if v else np.zeros(0, dtype=bool)
-    info = {"threat": list(threat) if threat else None, "attacks": list(attacks)}
-    return EvalResult(cat(clean), {k: cat(v) for k, v in per.items()}, {"robust_eval": info})
+    info = {k: {"attack": _describe(a), "threat": list(threat) if threat else None}
+            for k, a in attacks.items()}
+    return EvalResult(cat(clean), {k: cat(v) for k, v in per.items()}, info)
 
 
 # ----------------------------------------------------------------------------- AutoAttack

@@ -115,7 +115,9 @@ def test_mode_and_requires_grad_restored(model, xy):
         return [(m.training) for m in model.modules()], [p.requires_grad for p in model.parameters()]
 
     try:
-        A.pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=2)
+        with torch.no_grad():  # e.g. called from evaluation code: must still work
+            x_adv = A.pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=2)
+        assert (x_adv != x).any()
         assert state() == before
         A.fgsm(model, x, y, eps=EPS)
         A.cw_l2(model, x, y, steps=2, binary_search_steps=1, lr=0.01, initial_const=1.0)
@@ -268,3 +270,18 @@ def test_deepfool_and_cw_find_misclassified_points_beyond_certified_radius(model
               f"found {int(found.sum())}/{len(y)}, certified radius median {radius.median():.4f}")
     # C&W optimises the distance itself; it should not be much worse than DeepFool
     assert results["cw"][1].median() <= 1.25 * results["deepfool"][1].median()
+
+
+def test_pgd_under_bf16_autocast(model, xy):
+    """The CUDA recipe (bf16 autocast) exercised on the CPU: bf16 logits, float32 loss,
+    float32 images back, still exactly inside the ball and the box."""
+    x, y = xy[0][:64], xy[1][:64]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = A.pgd(model, x, y, eps=EPS, alpha=EPS / 4, steps=5,
+                      generator=torch.Generator().manual_seed(0))
+        x_l2 = A.pgd(model, x, y, eps=EPS_L2, alpha=EPS_L2 / 4, steps=5, norm="l2",
+                     restarts=2, loss="cw", generator=torch.Generator().manual_seed(0))
+    assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= EPS + 1e-6
+    assert (x_l2 - x).flatten(1).norm(dim=1).max() <= EPS_L2 + 1e-6
+    assert min(x_adv.min(), x_l2.min()) >= 0 and max(x_adv.max(), x_l2.max()) <= 1
+    assert acc(model, x_adv, y) < acc(model, x, y) - 0.2

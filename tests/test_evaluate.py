@@ -56,6 +56,7 @@ def test_robust_eval_per_example_worst_case(pgd_result, model, xy):
     assert acc["worst"] <= min(acc["pgd10"], acc["fgsm"]) and acc["pgd10"] < acc["clean"] - 0.2
     clean = (E.predict(model, xy[0]) == xy[1]).numpy()
     np.testing.assert_array_equal(r.clean, clean)
+    assert r.info["pgd10"]["threat"] == ["linf", EPS] and r.info["fgsm"]["attack"].endswith("fgsm")
     back = E.EvalResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back.accuracy() == acc and back.info == r.info
 
