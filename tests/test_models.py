@@ -66,6 +66,8 @@ def test_hypersphere_logits_are_cosines():
     expected = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(w, dim=1).T
     assert torch.allclose(logits, expected, atol=1e-6)
     assert not any("bias" in n for n, _ in model.head.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cosines stay float32 under autocast
+        assert model(torch.rand(2, 3, 32, 32)).dtype == torch.float32
 
 
 def test_dual_bn_routes_statistics():

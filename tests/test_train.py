@@ -166,6 +166,17 @@ def test_steps_override_epochs(tmp_path, mnist):
     assert result.total_steps == 7 and result.history[-1]["step"] == 7
 
 
+def test_accelerator_options_run_on_cpu(tmp_path, mnist):
+    """bf16 autocast, channels_last and a hypersphere head through the same loop (the
+    CUDA defaults), exercised on CPU so the code path is tested without a GPU."""
+    cfg = TrainConfig(steps=2, batch_size=20, lr=0.01, augment=False, amp="bf16",
+                      channels_last=True, val_size=20, val_steps=1)
+    model = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=4, norm="bn",
+                         head="hypersphere")
+    result = train(model, objectives.trades(steps=1), _small(mnist), cfg, tmp_path, progress=False)
+    assert result.history[-1]["step"] == 2 and "val_robust" in result.history[-1]
+
+
 def test_schedules():
     c = TrainConfig(lr=0.1, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1)
     assert [lr_at(c, s, 100, 10) for s in (0, 49, 50, 74, 75)] == pytest.approx(

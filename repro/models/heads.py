@@ -24,7 +24,11 @@ class HypersphereHead(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # same as nn.Linear
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+        # float32 even under bf16 autocast: HE scales cosines by s = 10..20, and bf16's 8-bit
+        # mantissa would put errors of ~0.05 on those logits
+        with torch.autocast(features.device.type, enabled=False):
+            cos = F.linear(F.normalize(features.float(), dim=1),
+                           F.normalize(self.weight.float(), dim=1))
         return cos.clamp(-1.0, 1.0)  # rounding can step just outside [-1, 1]
 
     def extra_repr(self) -> str:
