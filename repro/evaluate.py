@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from repro import attacks as A
 from repro.data import to_float

@@ -30,7 +30,8 @@ class Param:
     type: str  # "int", "float", "str", "bool", "list[float]", "list[int]", "list[str]"
     help: str
     choices: tuple | None = None
-    optional: bool = False  # None is a legal value (e.g. "no limit")
+    optional: bool = False  # a preset may set None (e.g. "no limit"); an override of None
+                            # always means "keep the preset's value"
 
     def describe(self) -> str:
         kind = self.type + (" or None" if self.optional else "")
@@ -102,8 +103,8 @@ class Spec:
     def resolve(self, preset: str = "smoke", **overrides) -> dict[str, Any]:
         """The full config for ``preset`` with ``overrides`` applied; strict.
 
-        An override of None keeps the preset's value (a notebook's parameters cell uses None
-        for "the preset decides").
+        An override of None keeps the preset's value: a notebook's parameters cell sets every
+        override to None, meaning "the preset decides".
         """
         if not isinstance(preset, str) or preset not in self.presets:
             raise ParameterError(
@@ -116,7 +117,7 @@ class Spec:
                 f"Valid parameters and their types:\n  {self.describe()}")
         config = dict(self.presets[preset])
         for name, value in overrides.items():
-            if value is None and not self.by_name[name].optional:
+            if value is None:
                 continue
             config[name] = self.by_name[name].check(value)
         for name, value in config.items():  # the presets themselves must type-check too

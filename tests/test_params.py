@@ -20,7 +20,8 @@ def test_resolve_applies_overrides_and_keeps_preset_for_none():
     assert cfg == {"chapter": "demo", "preset": "smoke", "epochs": 3, "eps": 0.1,
                    "arch": "small_cnn", "radii": [0.5], "limit": 100}
     assert SPEC.resolve("laptop")["radii"] == [0.5, 1.0]  # ints widened to float
-    assert SPEC.resolve("smoke", limit=None)["limit"] is None  # optional: None is a value
+    assert SPEC.resolve("smoke", limit=None)["limit"] == 100  # None: the preset decides
+    assert SPEC.resolve("laptop")["limit"] is None  # an optional parameter's preset value
 
 
 def test_unknown_parameter_names_it_and_lists_valid_ones():
