@@ -328,6 +328,8 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     model.to(device)
     if result_path.exists():
         return _finished(result_path, model, device)
+    for stale in run_dir.glob(".*.tmp"):  # half-written files of a killed run
+        stale.unlink(missing_ok=True)
 
     if use_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
