@@ -158,6 +158,8 @@ def register_bound(*classes: type) -> Callable[[Rule], Rule]:
 
 def plan(module: nn.Module, in_shape: Sequence[int], name: str = "") -> tuple[Node, Shape]:
     """Walk ``module`` (inputs of per-example shape ``in_shape``) into a bound plan."""
+    if type(module).__name__ == "OptimizedModule":  # torch.compile wrapper: same parameters
+        module = module._orig_mod
     for cls in type(module).__mro__:
         if cls in _RULES:
             return _RULES[cls](module, tuple(in_shape), name)
@@ -653,7 +655,9 @@ class LipschitzEstimator(nn.Module):
 
     def forward(self) -> torch.Tensor:
         vectors = {node: self._buffers[key] for node, key in self._keys.items()}
-        device = next(iter(vectors.values())).device if vectors else torch.device("cpu")
+        # Compute where the weights live; vectors follow (copied back if the estimator was
+        # left behind on another device, which costs a transfer per step).
+        device = next(iter(vectors)).module.weight.device if vectors else torch.device("cpu")
         with torch.autocast(device_type=device.type, enabled=False):
             bound = self._plan.evaluate(_EstimateCtx(vectors, device))
             if self.pairwise:

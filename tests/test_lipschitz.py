@@ -59,6 +59,18 @@ def test_conv_bounds_bracket_exact_jacobian_norm(cin, cout, k, s, p, d, g, size)
     assert big.method == "circulant" and big.lower <= exact * (1 + 1e-9) <= big.upper
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_conv_string_padding(padding):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 4, padding=padding).double()  # "same" pads 1 left, 2 right
+    shape = (2, 7, 7)
+    exact = jacobian_norm(lambda x: conv(x[None])[0], torch.randn(shape))
+    # Sound always; loose on a 7x7 image with "valid" (few outputs see the whole kernel).
+    assert exact <= L.conv2d_norm_upper(conv, shape) <= 1.5 * exact
+    assert L.conv2d_operator_norm(conv, shape) == pytest.approx(exact, rel=1e-6)
+
+
 def test_conv_bound_is_the_operator_not_the_reshaped_kernel():
     overlap = nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
     nn.init.ones_(overlap.weight)
