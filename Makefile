@@ -3,10 +3,12 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 JB      := $(VENV)/bin/jupyter-book
-CHAPTERS := intro
+# The chapters come from the registry (CHAPTERS in repro/experiments/__init__.py, read by
+# tools/chapters.py without importing torch): adding a chapter there is all the Makefile needs.
+CHAPTERS := $(shell python3 tools/chapters.py)
 SMOKE   := _build/smoke
 
-.PHONY: install data test smoke assemble book clean
+.PHONY: install data test smoke assemble book check-site browser-test clean
 .DEFAULT_GOAL := book
 
 $(VENV)/.installed: pyproject.toml .ci/requirements-nodeps.txt
@@ -29,23 +31,32 @@ test: install data
 # Execute every chapter notebook at the smoke preset (finished runs come from the cache).
 smoke: install data
 	mkdir -p $(SMOKE)
+	@test -n "$(CHAPTERS)" || { echo "no chapters: tools/chapters.py found none"; exit 1; }
 	@for c in $(CHAPTERS); do \
 	  $(PY) -m repro run $$c --preset smoke --output $(SMOKE)/$$c.ipynb || exit 1; \
 	done
 
 # The book shows a chapter's published run (book/published/<c>/<c>.ipynb) where there is
-# one, else the smoke execution.
+# one, else the smoke execution; the scorecard is generated from book/published/.
 assemble: smoke
-	mkdir -p book/chapters
-	@for c in $(CHAPTERS); do \
-	  if [ -f book/published/$$c/$$c.ipynb ]; then src=book/published/$$c/$$c.ipynb; \
-	  else src=$(SMOKE)/$$c.ipynb; fi; \
-	  echo "book/chapters/$$c.ipynb <- $$src"; cp $$src book/chapters/$$c.ipynb; \
-	done
+	rm -rf book/chapters
+	$(PY) -m repro.publish assemble $(SMOKE) book/chapters
+	$(PY) -m repro.scorecard book/chapters/scorecard.md
 
 book: assemble
 	$(JB) build . -W -n --keep-going
+	$(PY) tools/check_site.py _build/html
 	@echo "open _build/html/index.html"
+
+# Static check of the built site: no http(s) script, stylesheet, font or image (offline book).
+check-site:
+	$(PY) tools/check_site.py _build/html
+
+# Every built page in headless chromium (Debian's chromium + chromedriver): images load,
+# internal links resolve, MathJax rendered, no request leaves the machine; screenshots go to
+# _build/screenshots/.
+browser-test: install
+	$(PY) tools/browser_test.py _build/html --screenshots _build/screenshots
 
 clean:
 	rm -rf _build book/chapters

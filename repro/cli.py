@@ -5,6 +5,7 @@
     python -m repro params lmt                               # list parameters and presets
     python -m repro data prepare                             # offline data -> .data/
     python -m repro bench pgd --device cuda                  # speed benchmarks
+    python -m repro publish intro --preset laptop            # notebook + results -> book/published/
 """
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="python3")
     p = sub.add_parser("experiment", help="compute a chapter's results without Jupyter")
     _add_chapter_args(p)
+    p = sub.add_parser("publish", help="run, execute and publish a chapter into book/published/")
+    _add_chapter_args(p)
+    p.add_argument("--kernel", default="python3")
+    p.add_argument("--allow-smoke", action="store_true", help="publish a smoke run (tests only)")
     p = sub.add_parser("params", help="list a chapter's parameters and presets")
     p.add_argument("chapter")
     p = sub.add_parser("data", help="prepare or list datasets")
@@ -135,6 +140,9 @@ def main(argv=None) -> int:
         return cmd_bench(args, rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.command == "publish":
+        from repro import publish
+        return publish.main(args)
     return {"run": cmd_run, "experiment": cmd_experiment, "params": cmd_params,
             "data": cmd_data}[args.command](args)
 

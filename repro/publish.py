@@ -1,0 +1,238 @@
+"""Publish a chapter: its executed notebook and the small files of the runs behind it go to
+``book/published/<chapter>/``, with a publication record; the book renders that copy.
+
+    python -m repro publish intro --preset laptop [-p name value ...]
+
+1. runs the chapter's experiment in-process (``run(preset, **overrides)``: finished runs come
+   from the cache, so publishing after ``python -m repro experiment`` recomputes nothing);
+2. executes the notebook with papermill at the same parameters (again from the cache);
+3. copies the notebook and, for every run in the result's ``runs``, the run folder's small
+   files (``SMALL_FILES``; never checkpoints) into ``book/published/<chapter>/results/``;
+4. writes ``publication.json``: preset, overrides, seed, devices, library commit(s), dates,
+   wall times, and the files with their sizes.
+
+``results.find_run`` searches ``book/published/<chapter>/results/`` too, so a published run is
+reused on any machine; ``load`` rebuilds the chapter's result dict from the published folder
+alone (the scorecard uses it; nothing is recomputed).
+
+GPU machines have no papermill: there, run ``python -m repro experiment CHAPTER --preset gpu``,
+bring back the run folders' small files into ``results/<chapter>/`` on a CPU machine, and
+publish there (the cache finds them; the notebook executes on the CPU from stored results).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from repro import experiments, results
+from repro.data import PROJECT_ROOT
+
+SMALL_FILES = ("config.json", "metrics.json", "arrays.npz", "provenance.json", "DONE",
+               "train/metrics.jsonl", "train/result.json")
+MAX_BYTES = 2_000_000  # per chapter: the book's repository stays small
+RECORD = "publication.json"
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def published_dir(chapter: str, root: Path | None = None) -> Path:
+    return Path(root or results.PUBLISHED_ROOT) / chapter
+
+
+def copy_run(src: Path, dst: Path) -> list[str]:
+    """Copy a run folder's small files (never checkpoints); returns the copied paths."""
+    if not (src / "DONE").exists():
+        raise PublishError(f"run {src} is not finished (no DONE file)")
+    copied = []
+    for rel in SMALL_FILES:
+        f = src / rel
+        if f.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / rel)
+            copied.append(rel)
+    return copied
+
+
+def _relativise_outputs(nb_path: Path) -> None:
+    """Published notebooks must not show this machine's absolute paths (cache log lines)."""
+    text = nb_path.read_text()
+    for prefix in {str(PROJECT_ROOT) + "/", str(PROJECT_ROOT.resolve()) + "/"}:
+        text = text.replace(prefix, "")
+    nb_path.write_text(text)
+
+
+def prepare_for_book(src: Path, dst: Path) -> Path:
+    """Copy an executed chapter notebook to where the book renders it, tidied for readers:
+    the source's parameters cell (all ``None``) is removed from the page (papermill's
+    injected-parameters cell, which shows the values actually used, stays), and this
+    machine's absolute paths become relative."""
+    nb = json.loads(Path(src).read_text())
+    injected = any("injected-parameters" in c.get("metadata", {}).get("tags", [])
+                   for c in nb["cells"])
+    for cell in nb["cells"]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if injected and "parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    _relativise_outputs(dst)
+    return dst
+
+
+def _check_notebook(nb_path: Path) -> None:
+    nb = json.loads(nb_path.read_text())
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                raise PublishError(f"{nb_path}: a cell raised {out.get('ename')}: "
+                                   f"{out.get('evalue')}")
+
+
+def publish(chapter: str, preset: str, overrides: dict | None = None, *,
+            root: Path | None = None, allow_smoke: bool = False, kernel: str = "python3",
+            progress: bool = True, log=print) -> dict:
+    """Publish ``chapter`` at ``preset``; returns the publication record."""
+    from repro.cli import validate_notebook
+    overrides = dict(overrides or {})
+    if preset == "smoke" and not allow_smoke:
+        raise PublishError("smoke runs prove only that the code runs: publish laptop, gpu "
+                           "or paper results")
+    config = validate_notebook(chapter, preset, overrides)
+    module = experiments.get(chapter)
+
+    t0 = time.time()
+    result = module.run(preset, progress=progress, **overrides)
+    experiment_s = time.time() - t0
+
+    dest = published_dir(chapter, root)
+    stage = dest.parent / f".{chapter}.staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "results").mkdir(parents=True)
+    try:
+        import papermill
+        nb_out = stage / f"{chapter}.ipynb"
+        t1 = time.time()
+        log(f"[publish] executing notebooks/{chapter}.ipynb at preset {preset} ...")
+        papermill.execute_notebook(str(experiments.notebook_path(chapter)), str(nb_out),
+                                   parameters={"preset": preset, **overrides},
+                                   kernel_name=kernel, progress_bar=False,
+                                   cwd=str(experiments.NOTEBOOKS))
+        notebook_s = time.time() - t1
+        _relativise_outputs(nb_out)
+        _check_notebook(nb_out)
+
+        runs = {}
+        for name, r in result["runs"].items():
+            src = Path(r["path"])
+            copy_run(src, stage / "results" / src.name)
+            prov = r.get("provenance") or json.loads((src / "provenance.json").read_text())
+            runs[name] = {"folder": f"results/{src.name}", "device": prov.get("device"),
+                          "commit": prov.get("commit"), "date": prov.get("date"),
+                          "wall_time_s": prov.get("wall_time_s"), "torch": prov.get("torch"),
+                          "repro_version": prov.get("repro_version")}
+        files = {str(p.relative_to(stage)): p.stat().st_size
+                 for p in sorted(stage.rglob("*")) if p.is_file()}
+        if any(f.endswith(".pt") for f in files):
+            raise PublishError("a checkpoint slipped into the publication")
+        total = sum(files.values())
+        if total > MAX_BYTES:
+            raise PublishError(f"publication of {chapter} is {total / 1e6:.2f} MB "
+                               f"(> {MAX_BYTES / 1e6:.0f} MB): store fewer or smaller arrays")
+        record = {
+            "chapter": chapter, "preset": preset, "overrides": overrides,
+            "config": config, "seed": config.get("seed"),
+            "devices": sorted({r["device"] for r in runs.values() if r["device"]}),
+            "commits": sorted({str(r["commit"]) for r in runs.values()}),
+            "library_commit_at_publish": results.git_commit(),
+            "computed": min((r["date"] for r in runs.values() if r["date"]), default=None),
+            "published": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "compute_wall_time_s": round(sum(r["wall_time_s"] or 0 for r in runs.values()), 1),
+            "publish_experiment_s": round(experiment_s, 1),
+            "notebook_execution_s": round(notebook_s, 1),
+            "notebook": f"{chapter}.ipynb", "runs": runs,
+            "summary": result.get("summary"), "files": files, "total_bytes": total,
+        }
+        results._write_json(stage / RECORD, record)
+        # Swap in atomically-enough: the old publication stays until the new one is complete.
+        old = dest.parent / f".{chapter}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(stage, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"[publish] {chapter} [{preset}] -> {dest} ({total / 1e3:.0f} kB, "
+        f"{len(files)} files; compute {record['compute_wall_time_s'] / 60:.1f} min, "
+        f"notebook {notebook_s:.0f}s)")
+    return record
+
+
+def record(chapter: str, root: Path | None = None) -> dict | None:
+    f = published_dir(chapter, root) / RECORD
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def load(chapter: str, root: Path | None = None) -> tuple[dict, dict] | None:
+    """``(publication record, result dict)`` rebuilt from the published folder, or None.
+
+    The result dict has the shape ``run()`` returns (config, runs[name] with metrics, arrays,
+    provenance, path), read from the published run folders only."""
+    rec = record(chapter, root)
+    if rec is None:
+        return None
+    base = published_dir(chapter, root)
+    runs = {}
+    for name, info in rec["runs"].items():
+        run = results.Run(base / info["folder"], {})
+        runs[name] = {"metrics": run.metrics(), "arrays": run.arrays(),
+                      "provenance": run.provenance(), "path": str(run.path)}
+    return rec, {"config": rec["config"], "runs": runs, "summary": rec.get("summary")}
+
+
+def main(args) -> int:
+    """``python -m repro publish`` (wired in repro/cli.py)."""
+    from repro import params
+    overrides = {n: params.parse_cli_value(v) for n, v in (args.parameter or [])}
+    try:
+        publish(args.chapter, args.preset, overrides, allow_smoke=args.allow_smoke,
+                kernel=args.kernel)
+    except (params.ParameterError, PublishError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+
+def assemble(smoke_dir: Path, out_dir: Path, chapters=None, log=print) -> dict[str, Path]:
+    """Put every chapter's notebook where the book renders it: the published execution
+    (``book/published/<c>/<c>.ipynb``) where there is one, else the smoke execution."""
+    chosen = {}
+    for c in chapters or experiments.CHAPTERS:
+        published = published_dir(c) / f"{c}.ipynb"
+        src = published if published.exists() else Path(smoke_dir) / f"{c}.ipynb"
+        if not src.exists():
+            raise PublishError(f"no notebook for chapter {c}: neither {published} nor {src}")
+        dst = prepare_for_book(src, Path(out_dir) / f"{c}.ipynb")
+        log(f"{dst} <- {src}")
+        chosen[c] = src
+    return chosen
+
+
+if __name__ == "__main__":
+    # python -m repro.publish assemble SMOKE_DIR OUT_DIR   (what `make assemble` runs)
+    if len(sys.argv) == 4 and sys.argv[1] == "assemble":
+        assemble(Path(sys.argv[2]), Path(sys.argv[3]))
+        sys.exit(0)
+    print("usage: python -m repro.publish assemble SMOKE_DIR OUT_DIR\n"
+          "(to publish a chapter: python -m repro publish CHAPTER --preset P)", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,117 @@
+"""The reproduction scorecard: every claim of the four papers (and the introduction's checks),
+the paper's number, ours, the run it came from, and a verdict, all generated from the
+published results (``book/published/``) through the claims registry (``repro.claims``).
+
+    python -m repro.scorecard book/chapters/scorecard.md     # what `make book` does
+
+Nothing is recomputed: a chapter without a published run (or without an evaluator for a
+claim) is listed as "not yet run".
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from repro import claims, experiments, publish
+
+BADGE = {claims.REPRODUCED: "bdg-success", claims.PARTLY: "bdg-warning",
+         claims.NOT_REPRODUCED: "bdg-danger", claims.NOT_YET_RUN: "bdg-muted"}
+
+
+def rows(root: Path | None = None) -> list[dict]:
+    """One row per claim: paper, claim, paper value, ours, run provenance, verdict."""
+    out = []
+    for paper, paper_claims in claims.all_claims().items():
+        loaded = publish.load(claims.PAPERS[paper]["chapter"], root)
+        rec, result = loaded if loaded else (None, None)
+        for c in paper_claims:
+            o = c.judge(result)
+            run = None
+            if rec is not None and o.verdict != claims.NOT_YET_RUN:
+                run = {"preset": rec["preset"], "devices": rec["devices"], "seed": rec["seed"],
+                       "commits": rec["commits"], "computed": rec["computed"]}
+            out.append({"paper": paper, "id": c.id, "claim": c.text,
+                        "paper_value": c.paper_value, "unit": c.unit, "source": c.source,
+                        "ours": o.ours, "value": o.value, "note": o.note,
+                        "verdict": o.verdict, "run": run})
+    return out
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _short_device(d: str) -> str:
+    return d.split(":")[0] if d else "?"
+
+
+def markdown(root: Path | None = None) -> str:
+    table = rows(root)
+    counts = Counter(r["verdict"] for r in table)
+    lines = [
+        "# Reproduction scorecard", "",
+        "Every claim the book checks: the papers' own claims and numbers, ours, the run they "
+        "come from, and a verdict. This page is generated from the published results "
+        "(`book/published/`) by `python -m repro.scorecard` at build time; no number on it is "
+        "typed by hand. A claim stays *not yet run* until its chapter provides an evaluator "
+        "and a published (`laptop`, `gpu` or `paper`) run; `smoke` runs are never judged.", "",
+        "Verdicts compare like with like only where the preset is the paper's own: at the "
+        "reduced `laptop` and `gpu` presets a verdict says whether the *direction* of a claim "
+        "holds at that scale, not whether the paper's number is matched.", "",
+        f"**{len(table)} claims:** " + ", ".join(
+            f"{{{BADGE[v]}}}`{v}` {counts.get(v, 0)}" for v in claims.VERDICTS), "",
+    ]
+    for paper, info in claims.PAPERS.items():
+        prows = [r for r in table if r["paper"] == paper]
+        chapter = info["chapter"]
+        lines += [f"## {info['short']}", "", f"*{info['title']}*", ""]
+        if chapter in experiments.CHAPTERS:
+            link = f"[the {info['short']} chapter]({chapter}.ipynb)"
+        else:
+            link = "its chapter (not written yet)"
+        rec = publish.record(chapter, root)
+        if rec is None:
+            lines.append(f"No published run yet for {link}.")
+        else:
+            devices = ", ".join(rec["devices"])
+            lines.append(
+                f"Published run of {link}: preset `{rec['preset']}`, device {devices}, seed "
+                f"{rec['seed']}, library commit {', '.join(f'`{c}`' for c in rec['commits'])}, "
+                f"computed {str(rec['computed'])[:10]}, "
+                f"{rec['compute_wall_time_s'] / 60:.1f} min of compute.")
+        lines += ["", "| claim | paper | ours | from | verdict |", "|---|---|---|---|---|"]
+        for r in prows:
+            paper_val = r["paper_value"] + (f" ({r['unit']})" if r["unit"] else "")
+            if r["source"]:
+                paper_val += f"<br><small>{r['source']}</small>"
+            ours = r["ours"] + (f"<br><small>{r['note']}</small>" if r["note"] else "")
+            frm = "—"
+            if r["run"]:
+                frm = (f"`{r['run']['preset']}`, "
+                       f"{'/'.join(_short_device(d) for d in r['run']['devices'])}, "
+                       f"seed {r['run']['seed']}")
+            lines.append("| " + " | ".join(_cell(x) for x in [
+                f"{r['claim']}<br><small>`{r['id']}`</small>", paper_val, ours, frm,
+                f"{{{BADGE[r['verdict']]}}}`{r['verdict']}`"]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(path: Path, root: Path | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(root))
+    return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = write(Path(argv[0]) if argv else Path("book/chapters/scorecard.md"))
+    n = Counter(r["verdict"] for r in rows())
+    print(f"scorecard -> {out}: " + ", ".join(f"{v} {n.get(v, 0)}" for v in claims.VERDICTS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The book's assembly: table of contents, chapter list, claims registry and scorecard, the
+offline-site check, and the published chapters' size and provenance."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repro import claims, experiments, publish, scorecard
+
+ROOT = experiments.PROJECT_ROOT
+SITE = ROOT / "_build" / "html"
+FOUR = ("he", "lmt", "advprop", "bat")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _toc_files(node) -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        if "file" in node:
+            out.append(node["file"])
+        for v in node.values():
+            out += _toc_files(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _toc_files(v)
+    return out
+
+
+def test_toc_lists_every_chapter_and_the_book_pages():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = _toc_files(toc)
+    for chapter in experiments.CHAPTERS:
+        assert f"book/chapters/{chapter}" in files, f"add `- file: book/chapters/{chapter}`"
+    assert "book/chapters/scorecard" in files and "book/how-to-run" in files
+
+
+def test_makefile_takes_chapters_from_the_registry():
+    assert _tool("chapters").chapters() == list(experiments.CHAPTERS)
+    make = (ROOT / "Makefile").read_text()
+    assert "tools/chapters.py" in make and "CHAPTERS := intro" not in make
+    out = subprocess.run(["make", "-n", "smoke"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"for c in {' '.join(experiments.CHAPTERS)};" in out.stdout
+
+
+def test_every_paper_has_claims_with_sources():
+    ids = [c.id for cs in claims.all_claims().values() for c in cs]
+    assert len(ids) == len(set(ids)), "claim ids are unique"
+    for paper in FOUR:
+        cs = claims.claims_for(paper)
+        assert len(cs) >= 3, paper
+        for c in cs:
+            assert c.id.startswith(paper + ".") and c.text and c.paper_value and c.source
+    # The paper numbers the design names are there, as the papers state them.
+    values = {c.id: c.paper_value for cs in claims.all_claims().values() for c in cs}
+    assert values["he.rb-clean"] == "85.14" and values["he.rb-aa"] == "53.74"
+    assert values["lmt.mnist-clean"] == "86.5" and values["lmt.mnist-verified"] == "40.6"
+    assert values["advprop.clean-gain-b7"] == "84.3 → 85.2"
+
+
+def test_chapter_claims_override_the_registry(monkeypatch):
+    import dataclasses
+    import types
+    fake = types.ModuleType("fake_he")
+    judged = dataclasses.replace(claims.get("he.aa-gain"),
+                                 evaluate=lambda r: claims.Outcome("+1.0 points",
+                                                                   claims.PARTLY, 1.0))
+    extra = claims.Claim("he.new", "he", "a new claim", "qualitative", source="here")
+    fake.CLAIMS = [judged, extra]
+    monkeypatch.setattr(claims, "chapter_module", lambda p: fake if p == "he" else None)
+    cs = {c.id: c for c in claims.claims_for("he")}
+    assert cs["he.aa-gain"].evaluate is not None and "he.new" in cs
+    assert len(cs) == len(claims.PAPER_CLAIMS["he"]) + 1
+    assert cs["he.aa-gain"].judge(None).verdict == claims.NOT_YET_RUN
+    assert cs["he.aa-gain"].judge({"runs": {}}).verdict == claims.PARTLY
+    assert cs["he.rb-clean"].judge({"runs": {}}).verdict == claims.NOT_YET_RUN
+
+
+def _intro_result(std_clean, std_pgd, adv_clean, adv_pgd, aa=None, flags=0):
+    checks = [{"name": f"c{i}", "passed": i >= flags, "message": ""} for i in range(5)]
+    adv = {"accuracy": {"clean": adv_clean, "pgd40": adv_pgd}, "sanity": {"checks": checks}}
+    if aa is not None:
+        adv["autoattack"] = {"version": "fast", "accuracy": aa}
+    return {"config": {"eval_steps": 40}, "runs": {
+        "standard": {"metrics": {"accuracy": {"clean": std_clean, "pgd40": std_pgd}}},
+        "pgd_at": {"metrics": adv}}}
+
+
+def test_intro_claims_judge_a_result():
+    good = _intro_result(0.99, 0.05, 0.98, 0.90, aa=0.895)
+    verdicts = {c.id: c.judge(good).verdict for c in claims.claims_for("intro")}
+    assert set(verdicts.values()) == {claims.REPRODUCED}
+    bad = _intro_result(0.99, 0.95, 0.98, 0.90, aa=0.70, flags=3)
+    verdicts = {c.id: c.judge(bad).verdict for c in claims.claims_for("intro")}
+    assert verdicts["intro.standard-fragile"] == claims.NOT_REPRODUCED
+    assert verdicts["intro.at-raises-pgd"] == claims.NOT_REPRODUCED
+    assert verdicts["intro.aa-confirms-pgd"] == claims.NOT_REPRODUCED
+    assert verdicts["intro.no-masking"] == claims.NOT_REPRODUCED
+    no_aa = _intro_result(0.99, 0.05, 0.98, 0.90)
+    assert claims.get("intro.aa-confirms-pgd").judge(no_aa).verdict == claims.NOT_YET_RUN
+
+
+def test_scorecard_lists_every_claim(tmp_path):
+    empty = tmp_path / "published"  # nothing published: every claim "not yet run"
+    text = scorecard.markdown(empty)
+    for paper, cs in claims.all_claims().items():
+        assert f"## {claims.PAPERS[paper]['short']}" in text
+        for c in cs:
+            assert f"`{c.id}`" in text
+    rows = scorecard.rows(empty)
+    assert {r["verdict"] for r in rows} == {claims.NOT_YET_RUN}
+    assert len(rows) == sum(len(cs) for cs in claims.all_claims().values())
+
+
+def test_offline_check_flags_remote_assets(tmp_path):
+    cs = _tool("check_site")
+    html = ('<html><head><script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex.js">'
+            '</script><link rel="stylesheet" href="//fonts.googleapis.com/css?family=X">'
+            '<style>@font-face{src:url("https://x.org/f.woff")}</style>'
+            '<script>const U = "https://unpkg.com/thebe/lib/index.js"</script></head>'
+            '<body><a href="https://example.org">a link is fine</a>'
+            '<img src="_images/local.png"></body></html>')
+    found = [u for _, u in cs.remote_assets_in_html(html)]
+    assert found == ["https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex.js",
+                     "//fonts.googleapis.com/css?family=X", "https://x.org/f.woff",
+                     "https://unpkg.com/thebe/lib/index.js"]
+    assert cs.remote_assets_in_css("a{background:url(../img/x.png)}") == []
+    assert cs.remote_assets_in_css("@import 'https://fonts.x/y.css';") == ["https://fonts.x/y.css"]
+    (tmp_path / "index.html").write_text(html)
+    assert len(cs.check(tmp_path)) >= 4
+
+
+@pytest.mark.skipif(not (SITE / "index.html").exists(), reason="book not built (make book)")
+def test_built_site_loads_nothing_from_the_network():
+    assert _tool("check_site").check(SITE) == []
+
+
+@pytest.mark.parametrize("chapter", [c for c in experiments.CHAPTERS
+                                     if publish.record(c) is not None])
+def test_published_chapter_is_small_complete_and_provenanced(chapter):
+    rec = publish.record(chapter)
+    base = publish.published_dir(chapter)
+    files = [p for p in base.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix == ".pt"], "no checkpoints in the book"
+    assert sum(p.stat().st_size for p in files) < publish.MAX_BYTES
+    assert rec["preset"] in ("laptop", "gpu", "paper")
+    for key in ("devices", "commits", "seed", "computed", "published", "compute_wall_time_s"):
+        assert rec[key] not in (None, [], ""), key
+    for name, run in rec["runs"].items():
+        for f in ("config.json", "metrics.json", "provenance.json", "DONE"):
+            assert (base / run["folder"] / f).is_file(), (name, f)
+    nb = json.loads((base / rec["notebook"]).read_text())
+    outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    assert str(ROOT) not in json.dumps(nb), "no absolute paths of the publishing machine"
+    # The scorecard judges this chapter's claims from the published files alone.
+    loaded_rec, result = publish.load(chapter)
+    assert set(result["runs"]) == set(rec["runs"])
+
+
+def test_published_tree_stays_small():
+    root = ROOT / "book" / "published"
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    assert total < 2_000_000 * max(1, len(experiments.CHAPTERS))
+
+
+def test_how_to_run_page_names_the_commands():
+    text = (ROOT / "book" / "how-to-run.md").read_text()
+    for cmd in ("python -m repro run", "papermill notebooks/", "python -m repro experiment",
+                "python -m repro publish", "make browser-test", "book/published/"):
+        assert cmd in text
+
+
+def test_ci_runs_the_browser_test():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make browser-test" in ci and "chromium-driver" in ci
+    assert ci.index("make book") < ci.index("make browser-test")
+
+
+def test_browser_test_finds_raw_math():
+    bt = _tool("browser_test")
+    assert bt.RAW_MATH.findall("the radius $\\epsilon$ was") == ["$\\epsilon$"]
+    assert bt.RAW_MATH.findall("costs $5 and $10 today") == []
+    assert bt.RAW_MATH.findall("plain \\(x^2\\) text")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,91 @@
+"""`python -m repro publish`: a chapter's executed notebook and its runs' small files land in
+book/published/<chapter>/ with a publication record, and the scorecard judges from them."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from repro import claims, experiments, publish, scorecard
+
+ROOT = experiments.PROJECT_ROOT
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--preset", "smoke"], "smoke runs prove only that the code runs"),
+    (["--preset", "laptop", "-p", "epochz", "2"], "unknown parameter 'epochz'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_cli_publish_refuses_before_any_work(args, fragment):
+    proc = subprocess.run([sys.executable, "-m", "repro", "publish", "intro", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr
+
+
+def test_copy_run_takes_small_files_only(tmp_path):
+    src, dst = tmp_path / "run", tmp_path / "out"
+    (src / "train").mkdir(parents=True)
+    for f in ("config.json", "metrics.json", "provenance.json", "DONE", "arrays.npz",
+              "train/metrics.jsonl", "train/result.json", "train/best.pt", "train/final.pt",
+              "train/last.pt.tmp"):
+        (src / f).write_text("x")
+    copied = publish.copy_run(src, dst)
+    assert sorted(copied) == sorted(publish.SMALL_FILES)
+    assert not list(dst.rglob("*.pt")) and not list(dst.rglob("*.tmp"))
+    (src / "DONE").unlink()
+    with pytest.raises(publish.PublishError, match="not finished"):
+        publish.copy_run(src, tmp_path / "again")
+
+
+def test_prepare_for_book_hides_the_empty_parameters_cell(tmp_path):
+    nb = {"cells": [
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "preset = 'smoke'",
+         "outputs": []},
+        {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
+         "source": "preset = 'laptop'", "outputs": []},
+        {"cell_type": "code", "metadata": {}, "source": "",
+         "outputs": [{"output_type": "stream", "name": "stdout",
+                      "text": f"reusing {ROOT}/results/intro/x\n"}]}],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    src = tmp_path / "in.ipynb"
+    src.write_text(json.dumps(nb))
+    out = json.loads(publish.prepare_for_book(src, tmp_path / "out" / "c.ipynb").read_text())
+    assert "remove-cell" in out["cells"][0]["metadata"]["tags"]
+    assert "remove-cell" not in out["cells"][1]["metadata"]["tags"]
+    assert out["cells"][2]["outputs"][0]["text"] == "reusing results/intro/x\n"
+
+
+@pytest.mark.slow
+def test_publish_intro_at_smoke(tmp_path, data_root):
+    root = tmp_path / "published"
+    rec = publish.publish("intro", "smoke", {}, root=root, allow_smoke=True, progress=False)
+    base = root / "intro"
+    assert (base / "intro.ipynb").is_file() and (base / publish.RECORD).is_file()
+    assert set(rec["runs"]) == {"standard", "pgd_at"}
+    for run in rec["runs"].values():
+        folder = base / run["folder"]
+        assert (folder / "DONE").is_file() and (folder / "metrics.json").is_file()
+        assert (folder / "train" / "metrics.jsonl").is_file()
+    assert not list(base.rglob("*.pt"))
+    assert rec["total_bytes"] < publish.MAX_BYTES
+    assert rec["preset"] == "smoke" and rec["seed"] == 0 and rec["devices"]
+    assert rec["commits"] and rec["computed"] and rec["compute_wall_time_s"] > 0
+    nb = (base / "intro.ipynb").read_text()
+    assert str(ROOT) not in nb and '"output_type": "error"' not in nb
+
+    loaded_rec, result = publish.load("intro", root)
+    assert loaded_rec == rec
+    assert result["runs"]["pgd_at"]["metrics"]["accuracy"]["clean"] == \
+        rec["summary"]["pgd_at"]["clean"]
+    # The scorecard judges the intro claims from the published files alone.
+    rows = [r for r in scorecard.rows(root) if r["paper"] == "intro"]
+    assert rows and all(r["verdict"] in claims.VERDICTS for r in rows)
+    judged = [r for r in rows if r["verdict"] != claims.NOT_YET_RUN]
+    assert judged and all(r["run"]["preset"] == "smoke" for r in judged)
+
+    # Publishing again replaces the folder whole (no stale runs left behind).
+    (base / "results" / "stale").mkdir()
+    publish.publish("intro", "smoke", {}, root=root, allow_smoke=True, progress=False)
+    assert not (base / "results" / "stale").exists()
+    assert not list(root.glob(".intro.*"))
