@@ -5,17 +5,28 @@ from typing import Sequence
 
 import matplotlib
 
-if matplotlib.get_backend().lower().startswith("qt"):  # headless machines have no display
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PALETTE = "colorblind"
+
+
+def _inline_in_notebooks() -> None:
+    """Inside a Jupyter kernel, draw figures into the notebook even when the environment
+    forces another backend (CI sets MPLBACKEND=Agg, which would silently drop them)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and "IPKernelApp" in shell.config:
+        shell.run_line_magic("matplotlib", "inline")
 
 
 def use_style() -> None:
     """Apply the house style (seaborn whitegrid, colour-blind palette, readable sizes)."""
     import seaborn as sns
+    _inline_in_notebooks()
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
                          "axes.titleweight": "bold", "figure.figsize": (6.0, 3.8),
