@@ -49,3 +49,21 @@ def logit_pairing(logits_adv: torch.Tensor, logits_clean: torch.Tensor,
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fraction correct as a 0-d tensor (no host sync)."""
     return (logits.argmax(1) == y).float().mean()
+
+
+# ----------------------------------------------------------------------------- HE (Pang et al. 2020)
+
+def he_logits(cos: torch.Tensor, y: torch.Tensor, s: float, m: float = 0.0) -> torch.Tensor:
+    """HE's logits s·(cos θ − m·1_y): the true class's cosine is lowered by the margin m, then
+    every cosine is scaled by s (CosFace form). With m = 0 these are the scaled logits s·cos θ
+    that HE's training attack ascends. Float32 even under bf16 autocast."""
+    cos = cos.float()
+    if m == 0:
+        return s * cos
+    return s * (cos - m * F.one_hot(y, cos.shape[1]).to(cos.dtype))
+
+
+def he_cross_entropy(cos: torch.Tensor, y: torch.Tensor, s: float = 10.0, m: float = 0.2,
+                     reduction: str = "mean") -> torch.Tensor:
+    """HE's training loss CE(s·(cos θ − m·1_y), y) on the cosine logits of a hypersphere head."""
+    return F.cross_entropy(he_logits(cos, y, s, m), y, reduction=reduction)

@@ -194,3 +194,127 @@ def build(name: str, **kw) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name](**kw)
+
+
+# ----------------------------------------------------------------------------- HE (Pang et al. 2020)
+
+class ScaledLogits(nn.Module):
+    """``s · model(x)``: what HE's training attack sees on a hypersphere-head model (scaled
+    cosines, no margin). A view of ``model``, not a copy: same parameters, same modes."""
+
+    def __init__(self, model: nn.Module, s: float):
+        super().__init__()
+        self.model, self.s = model, float(s)
+
+    def forward(self, x, return_features: bool = False):
+        out = self.model(x, return_features=return_features) if return_features else self.model(x)
+        if return_features:
+            return self.s * out[0].float(), out[1]
+        return self.s * out.float()
+
+
+class _HE(Objective):
+    """Shared by the HE objectives: the model must have a hypersphere head (its output is
+    cos θ); s scales the cosines, m is the CosFace margin on the true class in the loss only.
+    As in the official CIFAR code (github.com/ShawnXYang/AT_HE), the training attack ascends
+    its loss on the scaled logits s·cos θ *without* the margin."""
+
+    def _check(self, model):
+        head = getattr(model, "head", None)
+        if head is not None and type(head).__name__ != "HypersphereHead":
+            raise ValueError(f"{self.name} needs a model built with head='hypersphere' "
+                             f"(its logits must be cos θ); got head {type(head).__name__}")
+
+
+class PGDATHE(_HE):
+    """PGD-AT+HE: CE(s·(cos θ(x_adv) − m·1_y), y), x_adv from PGD on CE(s·cos θ, y).
+    Official defaults s = 10, m = 0.2."""
+
+    name = "pgd_at_he"
+
+    def __init__(self, s=10.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
+        self.s, self.m = float(s), float(m)
+        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        self._check(model)
+        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+                            alpha=self.alpha, steps=self.steps, norm=self.norm,
+                            generator=state.generator)
+        cos = model(x_adv)
+        loss = losses.he_cross_entropy(cos, batch.y, self.s, self.m)
+        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(cos.detach(), batch.y)}
+
+
+class TRADESHE(_HE):
+    """TRADES+HE: CE(s·(cos θ(x) − m·1_y), y) + β·KL(p_s(x) || p_s(x_adv)), p_s = softmax of
+    s·cos θ (no margin in the KL term); x_adv maximises that KL. Official defaults β = 6,
+    s = 15, m = 0.2."""
+
+    name = "trades_he"
+
+    def __init__(self, beta=6.0, s=15.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10,
+                 norm="linf"):
+        self.beta, self.s, self.m = float(beta), float(s), float(m)
+        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        self._check(model)
+        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+                            alpha=self.alpha, steps=self.steps, norm=self.norm, loss="kl",
+                            generator=state.generator)
+        cos_clean, cos_adv = model(batch.x), model(x_adv)
+        natural = losses.he_cross_entropy(cos_clean, batch.y, self.s, self.m)
+        robust = losses.trades_kl(self.s * cos_adv.float(), self.s * cos_clean.float())
+        loss = natural + self.beta * robust
+        return loss, {"loss": loss.detach(), "natural": natural.detach(), "kl": robust.detach(),
+                      "acc": losses.accuracy(cos_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(cos_adv.detach(), batch.y)}
+
+
+class ALPHE(_HE):
+    """ALP+HE: (1 − w)·CE_m(x) + w·CE_m(x_adv) + β·||s·cos θ(x) − s·cos θ(x_adv)||², CE_m the
+    margin loss CE(s·(cos θ − m·1_y), y), the pairing on the scaled logits (no margin), x_adv
+    from PGD on CE(s·cos θ, y). Official defaults β = 0.5, s = 20, m = 0.3."""
+
+    name = "alp_he"
+
+    def __init__(self, beta=0.5, s=20.0, m=0.3, eps=8 / 255, alpha=2 / 255, steps=10,
+                 norm="linf", adv_weight=0.5):
+        self.beta, self.s, self.m = float(beta), float(s), float(m)
+        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+        self.adv_weight = adv_weight
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        self._check(model)
+        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+                            alpha=self.alpha, steps=self.steps, norm=self.norm,
+                            generator=state.generator)
+        cos_clean, cos_adv = model(batch.x), model(x_adv)
+        ce_clean = losses.he_cross_entropy(cos_clean, batch.y, self.s, self.m)
+        ce_adv = losses.he_cross_entropy(cos_adv, batch.y, self.s, self.m)
+        pairing = losses.logit_pairing(self.s * cos_adv.float(), self.s * cos_clean.float())
+        loss = (1 - self.adv_weight) * ce_clean + self.adv_weight * ce_adv + self.beta * pairing
+        return loss, {"loss": loss.detach(), "pairing": pairing.detach(),
+                      "acc": losses.accuracy(cos_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(cos_adv.detach(), batch.y)}
+
+
+def pgd_at_he(s=10.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> PGDATHE:
+    return PGDATHE(s, m, eps, alpha, steps, norm)
+
+
+def trades_he(beta=6.0, s=15.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10,
+              norm="linf") -> TRADESHE:
+    return TRADESHE(beta, s, m, eps, alpha, steps, norm)
+
+
+def alp_he(beta=0.5, s=20.0, m=0.3, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
+           adv_weight=0.5) -> ALPHE:
+    return ALPHE(beta, s, m, eps, alpha, steps, norm, adv_weight)
+
+
+OBJECTIVES.update(pgd_at_he=pgd_at_he, trades_he=trades_he, alp_he=alp_he)
