@@ -318,3 +318,88 @@ def alp_he(beta=0.5, s=20.0, m=0.3, eps=8 / 255, alpha=2 / 255, steps=10, norm="
 
 
 OBJECTIVES.update(pgd_at_he=pgd_at_he, trades_he=trades_he, alp_he=alp_he)
+
+
+class AdvProp(Objective):
+    """AdvProp (Xie et al., CVPR 2020): every batch gives clean images, normalised by the main
+    BatchNorms, and PGD adversarial images, generated and normalised with the auxiliary BNs
+    (``repro.models.norms.bn_route``); the loss is the equal-weight mean of the two
+    cross-entropies (the paper sums them; the mean keeps the learning rate comparable with
+    vanilla training). Inference uses the main BNs only (a model's default route).
+
+    The attacker is the paper's: L-inf PGD, ``eps`` in {1..4}/255, ``steps`` = eps·255 + 1
+    (default), step 1/255, random start, run with the model in eval mode (so the attack reads
+    the auxiliary running statistics and changes no statistic). ``targeted=True`` attacks a
+    uniformly random wrong label (drawn from ``state.generator``), as in the PyTorch port.
+
+    ``aux_bn=False`` is the paper's "preliminary way" (Sec. 3/4.1): the same attack, but one
+    shared BN sees clean and adversarial images together in one concatenated batch. With
+    ``aux_bn=True`` the model must contain ``DualBatchNorm2d`` layers (``norm="dual_bn"``).
+    """
+
+    name = "advprop"
+
+    def __init__(self, eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True):
+        self.eps, self.alpha = float(eps), float(alpha)
+        self.steps = int(steps) if steps is not None else int(round(self.eps * 255)) + 1
+        self.targeted, self.aux_bn = bool(targeted), bool(aux_bn)
+        self._checked = None
+        if not self.aux_bn:
+            self.name = "advprop_shared_bn"
+
+    def _check(self, model):
+        if self._checked is model:
+            return
+        from repro.models.norms import DualBatchNorm2d
+        has_dual = any(isinstance(m, DualBatchNorm2d) for m in model.modules())
+        if self.aux_bn and not has_dual:
+            raise ValueError("AdvProp with aux_bn=True needs a model with DualBatchNorm2d "
+                             "layers (build(..., norm='dual_bn'))")
+        self._checked = model
+
+    def attack(self, model, x, y, generator=None):
+        """The adversarial half of a batch (auxiliary BNs when ``aux_bn``)."""
+        from repro import attacks
+        from repro.models.norms import bn_route
+        target = y
+        if self.targeted:
+            with attacks.eval_mode(model), torch.no_grad():
+                n_classes = model(x[:1]).shape[1]
+            dev = generator.device if generator is not None else y.device
+            shift = torch.randint(1, n_classes, y.shape, generator=generator, device=dev)
+            target = (y + shift.to(y.device)) % n_classes
+        with bn_route(model, "aux" if self.aux_bn else "main"):
+            return attacks.pgd(model, x, target, eps=self.eps, alpha=self.alpha,
+                               steps=self.steps, targeted=self.targeted, generator=generator)
+
+    def __call__(self, model, batch, state):
+        from repro.models.norms import bn_route
+        self._check(model)
+        x_adv = self.attack(model, batch.x, batch.y, state.generator)
+        if self.aux_bn:
+            with bn_route(model, "main"):
+                logits_clean = model(batch.x)
+            with bn_route(model, "aux"):
+                logits_adv = model(x_adv)
+        else:  # one BN normalises the clean+adversarial mixture
+            logits_clean, logits_adv = model(torch.cat([batch.x, x_adv])).chunk(2)
+        ce_clean = losses.cross_entropy(logits_clean, batch.y)
+        ce_adv = losses.cross_entropy(logits_adv, batch.y)
+        loss = 0.5 * (ce_clean + ce_adv)
+        return loss, {"loss": loss.detach(), "ce_clean": ce_clean.detach(),
+                      "ce_adv": ce_adv.detach(),
+                      "acc": losses.accuracy(logits_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
+
+
+def advprop(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True) -> AdvProp:
+    return AdvProp(eps, alpha, steps, targeted, aux_bn)
+
+
+def advprop_shared_bn(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False) -> AdvProp:
+    """The "preliminary way": adversarial training on clean + adversarial, one shared BN."""
+    return AdvProp(eps, alpha, steps, targeted, aux_bn=False)
+
+
+OBJECTIVES["advprop"] = advprop
+OBJECTIVES["advprop_shared_bn"] = advprop_shared_bn

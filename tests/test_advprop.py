@@ -1,0 +1,129 @@
+"""AdvProp objective (repro.objectives.AdvProp): exclusive BN routing on a real CIFAR-10 batch,
+the attacker's settings, the shared-BN baseline."""
+import copy
+
+import pytest
+import torch
+
+from repro import data, objectives
+from repro.models import DualBatchNorm2d, bn_route, build
+from repro.objectives import Batch, StepState
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.set_num_threads(1)
+    ds = data.load("cifar10").limit(n_train=32)
+    x = data.to_float(ds.x_train)
+    return Batch(x, ds.y_train, torch.arange(len(x)))
+
+
+def model(norm="dual_bn"):
+    torch.manual_seed(0)
+    return build("preact_resnet18", 10, mean_std=data.MEAN_STD["cifar10"], width=4, norm=norm)
+
+
+def state(seed=0):
+    return StepState(0, 0, 10, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def stats(m, route):
+    """The running statistics (buffers) of every dual BN's ``route`` half."""
+    return {f"{n}.{k}": v.clone() for n, mod in m.named_modules() if isinstance(mod, DualBatchNorm2d)
+            for k, v in getattr(mod, route).named_buffers()}
+
+
+def params(m, route):
+    return {f"{n}.{k}": p.detach().clone() for n, mod in m.named_modules()
+            if isinstance(mod, DualBatchNorm2d) for k, p in getattr(mod, route).named_parameters()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sgd(m):
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+@pytest.mark.parametrize("route", ["main", "aux"])
+def test_a_step_on_one_route_leaves_the_other_untouched(batch, route):
+    m = model().train()
+    other = "aux" if route == "main" else "main"
+    before_s, before_p = stats(m, other), params(m, other)
+    mine = stats(m, route)
+    opt = sgd(m)
+    x = batch.x if route == "main" else objectives.advprop(eps=2 / 255).attack(m, batch.x, batch.y)
+    with bn_route(m, route):
+        loss = torch.nn.functional.cross_entropy(m(x), batch.y)
+    loss.backward()
+    opt.step()
+    assert same(before_s, stats(m, other)) and same(before_p, params(m, other))
+    assert not same(mine, stats(m, route))  # the routed BNs did learn statistics
+
+
+def test_objective_step_routes_clean_to_main_and_adversarial_to_aux(batch):
+    m = model().train()
+    ref = copy.deepcopy(m)
+    obj = objectives.advprop(eps=2 / 255)
+    opt = sgd(m)
+    loss, logs = obj(m, batch, state(3))
+    loss.backward()
+    opt.step()
+    # Recompute what each BN should have seen: clean -> main, the same PGD images -> aux.
+    x_adv = obj.attack(ref, batch.x, batch.y, state(3).generator)
+    with torch.no_grad():
+        with bn_route(ref, "main"):
+            ref(batch.x)
+        with bn_route(ref, "aux"):
+            ref(x_adv)
+    for route in ("main", "aux"):
+        got, want = stats(m, route), stats(ref, route)
+        assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-6) for k in got), route
+    assert set(logs) >= {"ce_clean", "ce_adv", "acc", "adv_acc"}
+    assert torch.allclose(loss, 0.5 * (logs["ce_clean"] + logs["ce_adv"]))
+
+
+def test_attack_changes_no_statistics_and_stays_in_ball(batch):
+    m = model().train()
+    s = stats(m, "main"), stats(m, "aux")
+    obj = objectives.advprop(eps=3 / 255)
+    x_adv = obj.attack(m, batch.x, batch.y, torch.Generator().manual_seed(0))
+    assert same(s[0], stats(m, "main")) and same(s[1], stats(m, "aux")) and m.training
+    assert (x_adv - batch.x).abs().max() <= 3 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(mod.route == "main" for mod in m.modules() if isinstance(mod, DualBatchNorm2d))
+
+
+def test_attacker_settings_and_targeted_labels(batch):
+    for k in (1, 2, 3, 4):
+        o = objectives.advprop(eps=k / 255)
+        assert o.steps == k + 1 and o.alpha == pytest.approx(1 / 255)
+    assert objectives.build("advprop", eps=4 / 255).config()["steps"] == 5
+    m = model()
+    o = objectives.advprop(eps=2 / 255, targeted=True)
+    a = o.attack(m, batch.x, batch.y, torch.Generator().manual_seed(1))
+    b = o.attack(m, batch.x, batch.y, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # the random targets are wrong labels: check via the generator's draw
+    g = torch.Generator().manual_seed(1)
+    shift = torch.randint(1, 10, batch.y.shape, generator=g)
+    assert ((batch.y + shift) % 10 != batch.y).all()
+
+
+def test_inference_uses_main_bn(batch):
+    m = model().eval()
+    with torch.no_grad():
+        out = m(batch.x)
+        with bn_route(m, "main"):
+            assert torch.equal(out, m(batch.x))
+
+
+def test_shared_bn_baseline(batch):
+    obj = objectives.build("advprop_shared_bn", eps=1 / 255)
+    assert obj.name == "advprop_shared_bn" and not obj.aux_bn
+    m = model("bn").train()
+    loss, logs = obj(m, batch, state())
+    loss.backward()
+    assert torch.isfinite(loss) and logs["adv_acc"] is not None
+    with pytest.raises(ValueError, match="DualBatchNorm2d"):
+        objectives.advprop()(model("bn"), batch, state())
