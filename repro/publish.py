@@ -22,6 +22,7 @@ publish there (the cache finds them; the notebook executes on the CPU from store
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import json
 import os
 import shutil
@@ -109,8 +110,15 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
     module = experiments.get(chapter)
 
     t0 = time.time()
-    result = module.run(preset, progress=progress, **overrides)
+    kwargs = dict(overrides)
+    if "progress" in inspect.signature(module.run).parameters:
+        kwargs["progress"] = progress
+    result = module.run(preset, **kwargs)
     experiment_s = time.time() - t0
+    missing = [n for n, r in result.get("runs", {}).items() if "path" not in r]
+    if not result.get("runs") or missing:
+        raise PublishError(f"{chapter}.run() must return runs[name]['path'] for every run "
+                           f"(the folders to publish); missing for: {missing or 'all'}")
 
     dest = published_dir(chapter, root)
     stage = dest.parent / f".{chapter}.staging"
