@@ -67,3 +67,63 @@ def he_cross_entropy(cos: torch.Tensor, y: torch.Tensor, s: float = 10.0, m: flo
                      reduction: str = "mean") -> torch.Tensor:
     """HE's training loss CE(s·(cos θ − m·1_y), y) on the cosine logits of a hypersphere head."""
     return F.cross_entropy(he_logits(cos, y, s, m), y, reduction=reduction)
+
+
+# --- BAT (Xu et al., arXiv 2106.04794) ------------------------------------------------------
+
+def bat_weights(logits_adv: torch.Tensor, y: torch.Tensor, atypical: torch.Tensor,
+                alpha: float) -> torch.Tensor:
+    """BAT's cost-sensitive weights, one per example (no gradient):
+    w_i = exp(-alpha * max_{k != y_i} p_k(x_i^adv)) if x_i is atypical (mem > t) and
+    misclassified on x_i^adv, else 1. ``atypical`` is a bool tensor over the batch."""
+    with torch.no_grad():
+        p = F.softmax(logits_adv.detach().float(), dim=1)
+        q = p.scatter(1, y[:, None], float("-inf")).amax(1)
+        wrong = logits_adv.detach().argmax(1) != y
+        w = torch.where(atypical.to(torch.bool) & wrong, torch.exp(-alpha * q),
+                        torch.ones_like(q))
+    return w
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * CE_i / sum_i w_i (BAT's normalised classification loss)."""
+    ce = cross_entropy(logits, y, reduction="none")
+    w = weights.to(ce.dtype)
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+def discrimination_loss(features: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                        tau: float = 0.1, normalize: bool = True,
+                        include_positive: bool = True) -> torch.Tensor:
+    """BAT's discrimination loss on penultimate features h of (typical, adversarial) samples:
+    the mean over ordered pairs (i, j), i != j, y_i = y_j, of
+    -log( e^{h_i.h_j/tau} / (e^{h_i.h_j/tau} + sum_{b: y_b != y_i} e^{h_i.h_b/tau}) ).
+
+    ``mask`` (bool) selects the samples that take part (BAT: the typical ones). Features are
+    L2-normalised first (``normalize``; the paper writes h^T h without saying). The paper's
+    denominator lists only the negatives; ``include_positive=False`` gives that form (it is
+    unbounded below), the default is the InfoNCE form. Returns 0 (with a gradient path) when
+    no anchor has both a positive and a negative.
+    """
+    h = features.float()
+    if mask is not None:
+        h, y = h[mask.to(torch.bool)], y[mask.to(torch.bool)]
+    if len(y) < 2:
+        return features.sum() * 0.0
+    if normalize:
+        h = F.normalize(h, dim=1)
+    sim = h @ h.t() / tau
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(len(y), dtype=torch.bool, device=y.device)
+    pos, neg = same & ~eye, ~same
+    valid = pos & neg.any(1, keepdim=True)
+    if not valid.any():
+        return features.sum() * 0.0
+    neg_lse = torch.logsumexp(sim.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
+    if include_positive:
+        denom = torch.logaddexp(sim, neg_lse.expand_as(sim))
+    else:
+        denom = neg_lse.expand_as(sim)
+    per_pair = denom - sim
+    return per_pair[valid].mean()

@@ -403,3 +403,53 @@ def advprop_shared_bn(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False) ->
 
 OBJECTIVES["advprop"] = advprop
 OBJECTIVES["advprop_shared_bn"] = advprop_shared_bn
+
+
+class BAT(Objective):
+    """Benign Adversarial Training (Xu et al., arXiv 2106.04794): on PGD examples,
+    sum_i w_i CE_i / sum_i w_i + beta * discrimination loss, where w_i =
+    exp(-alpha * max_{k != y} p_k(x_i^adv)) for atypical *misclassified* samples (else 1) and
+    the discrimination loss (``losses.discrimination_loss``, temperature ``tau``) acts on the
+    penultimate features of the batch's *typical* adversarial samples.
+
+    ``atypical``: one bool per training example (mem(x_i) > t, see ``repro.memorization``),
+    looked up with ``batch.index``. Its count and a digest go into ``config()`` so a run's
+    cache key changes with the split.
+    """
+
+    name = "bat"
+
+    def __init__(self, atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255,
+                 steps=10, norm="linf"):
+        import hashlib
+        import numpy as np
+        flags = np.asarray(atypical.cpu() if torch.is_tensor(atypical) else atypical, dtype=bool)
+        self._atypical = torch.from_numpy(flags)
+        self.alpha, self.beta, self.tau = float(alpha), float(beta), float(tau)
+        self.eps, self.step, self.steps, self.norm = eps, step, steps, norm
+        self.n_atypical = int(flags.sum())
+        self.atypical_digest = hashlib.sha1(np.packbits(flags).tobytes()).hexdigest()[:12]
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        if self._atypical.device != batch.index.device:
+            self._atypical = self._atypical.to(batch.index.device)
+        atyp = self._atypical[batch.index]
+        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.step,
+                            steps=self.steps, norm=self.norm, generator=state.generator)
+        logits, feats = model(x_adv, return_features=True)
+        w = losses.bat_weights(logits, batch.y, atyp, self.alpha)
+        ce = losses.weighted_cross_entropy(logits, batch.y, w)
+        dl = (losses.discrimination_loss(feats, batch.y, ~atyp, tau=self.tau)
+              if self.beta else ce.new_zeros(()))
+        loss = ce + self.beta * dl
+        return loss, {"loss": loss.detach(), "wce": ce.detach(), "disc": dl.detach(),
+                      "mean_w": w.mean(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
+
+
+def bat(atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255, steps=10,
+        norm="linf") -> BAT:
+    return BAT(atypical, alpha, beta, tau, eps, step, steps, norm)
+
+
+OBJECTIVES["bat"] = bat

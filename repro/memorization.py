@@ -1,0 +1,275 @@
+"""Memorization and influence estimated by subsampling (Feldman & Zhang 2020), as BAT uses
+them (Xu et al., arXiv 2106.04794), plus a cheap single-run proxy and the atypical split.
+
+Definitions, for a training algorithm A and training set D:
+
+    mem(x_i)        = P_{F<-A(S)}(F(x_i) = y_i | x_i in S)  - P(F(x_i) = y_i | x_i not in S)
+    infl(x_i, x'_j) = P_{F<-A(S)}(F(x'_j) = y'_j | x_i in S) - P(F(x'_j) = y'_j | x_i not in S)
+
+with S a random subset of D (here 70%, as Feldman & Zhang). The estimator trains K models on
+K random subsets and records each model's correctness on every training and test example;
+the probabilities are the means over the models that did / did not see x_i. Its standard
+error is the two-sample binomial one (Agresti-Caffo adjusted). Each model's correctness is stored in its own file
+(``SubsetEstimation``), so a killed estimation continues with the next missing model.
+
+Atypical training examples: mem > t (t = 0.15 in the paper). Atypical test examples: some
+atypical training example has influence > t on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def subset_masks(n: int, k: int, fraction: float = 0.7, seed: int = 0) -> np.ndarray:
+    """(k, n) bool: row m marks the examples in subset m, exactly round(fraction * n) of them.
+    Row m is a pure function of (n, fraction, seed, m), so K can grow without changing the
+    first rows (a larger estimation reuses the smaller one's models)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    size = int(round(fraction * n))
+    masks = np.zeros((k, n), dtype=bool)
+    for m in range(k):
+        rng = np.random.default_rng([seed, m, n])
+        masks[m, rng.permutation(n)[:size]] = True
+    return masks
+
+
+# ----------------------------------------------------------------------------- estimates
+
+@dataclass
+class Estimate:
+    """Per-example estimate with its standard error and the counts behind it (NaN where
+    no model saw, or no model missed, the example)."""
+    value: np.ndarray
+    se: np.ndarray
+    p_in: np.ndarray
+    p_out: np.ndarray
+    n_in: np.ndarray
+    n_out: np.ndarray
+
+    def valid(self) -> np.ndarray:
+        return np.isfinite(self.value)
+
+    def summary(self) -> dict:
+        ok = self.valid()
+        return {"n": int(len(self.value)), "n_valid": int(ok.sum()),
+                "mean": float(np.nanmean(self.value)) if ok.any() else float("nan"),
+                "mean_se": float(np.nanmean(self.se)) if ok.any() else float("nan"),
+                "median_se": float(np.nanmedian(self.se)) if ok.any() else float("nan"),
+                "mean_n_in": float(self.n_in.mean()), "mean_n_out": float(self.n_out.mean())}
+
+
+def _two_sample(in_sum, n_in, out_sum, n_out) -> Estimate:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_in = np.where(n_in > 0, in_sum / np.maximum(n_in, 1), np.nan)
+        p_out = np.where(n_out > 0, out_sum / np.maximum(n_out, 1), np.nan)
+        # Agresti-Caffo: proportions with one success and one failure added, so a handful
+        # of models that all agree does not claim a standard error of 0
+        a_in = (in_sum + 1) / (n_in + 2)
+        a_out = (out_sum + 1) / (n_out + 2)
+        se = np.sqrt(a_in * (1 - a_in) / np.maximum(n_in, 1)
+                     + a_out * (1 - a_out) / np.maximum(n_out, 1))
+    value = p_in - p_out
+    se = np.where(np.isfinite(value), se, np.nan)
+    return Estimate(value, se, p_in, p_out, np.asarray(n_in), np.asarray(n_out))
+
+
+def memorization(correct: np.ndarray, masks: np.ndarray) -> Estimate:
+    """mem(x_i) from ``correct`` (K, n) bool (model k right on training example i) and the
+    subset ``masks`` (K, n)."""
+    correct, masks = np.asarray(correct, dtype=bool), np.asarray(masks, dtype=bool)
+    if correct.shape != masks.shape:
+        raise ValueError(f"correct {correct.shape} and masks {masks.shape} differ")
+    n_in = masks.sum(0)
+    n_out = (~masks).sum(0)
+    return _two_sample((correct & masks).sum(0), n_in, (correct & ~masks).sum(0), n_out)
+
+
+def influence(correct_test: np.ndarray, masks: np.ndarray, rows=None) -> Estimate:
+    """infl(x_i, x'_j) as (len(rows), m) arrays: ``correct_test`` (K, m) bool, ``masks``
+    (K, n), ``rows`` the training examples i to compute (default all: n x m floats)."""
+    c = np.asarray(correct_test, dtype=np.float64)
+    m = np.asarray(masks, dtype=bool)
+    if rows is not None:
+        m = m[:, np.asarray(rows)]
+    mf = m.astype(np.float64)
+    in_sum = mf.T @ c
+    out_sum = (1 - mf).T @ c
+    n_in = mf.sum(0)[:, None] * np.ones((1, c.shape[1]))
+    n_out = (1 - mf).sum(0)[:, None] * np.ones((1, c.shape[1]))
+    return _two_sample(in_sum, n_in, out_sum, n_out)
+
+
+def max_influence(correct_test: np.ndarray, masks: np.ndarray, rows,
+                  candidates: np.ndarray | None = None, chunk: int = 512):
+    """For each test example j: the largest infl(x_i, x'_j) over training examples ``rows``
+    (e.g. the atypical ones), its standard error and the argmax (an index into the training
+    set; -1 where there is none). ``candidates`` (m, c) optionally restricts, per test
+    example, the training examples considered (e.g. its nearest same-class neighbours):
+    only pairs with i in ``rows`` and in the test example's candidate list count.
+    Computed in chunks of rows, so n x m never sits in memory."""
+    c_test = np.asarray(correct_test, dtype=bool)
+    rows = np.asarray(rows, dtype=np.int64)
+    m = c_test.shape[1]
+    best = np.full(m, -np.inf)
+    best_se = np.full(m, np.nan)
+    arg = np.full(m, -1, dtype=np.int64)
+    if candidates is not None:
+        allowed_rows = np.zeros(masks.shape[1], dtype=bool)
+        allowed_rows[rows] = True
+        cand = np.asarray(candidates, dtype=np.int64)
+        for j in range(m):
+            cj = cand[j][allowed_rows[cand[j]]]
+            if len(cj) == 0:
+                continue
+            est = influence(c_test[:, j:j + 1], masks, cj)
+            v = np.where(np.isfinite(est.value[:, 0]), est.value[:, 0], -np.inf)
+            k = int(np.argmax(v))
+            if v[k] > best[j]:
+                best[j], best_se[j], arg[j] = v[k], est.se[k, 0], cj[k]
+        return np.where(np.isfinite(best), best, np.nan), best_se, arg
+    for start in range(0, len(rows), chunk):
+        r = rows[start:start + chunk]
+        est = influence(c_test, masks, r)
+        v = np.where(np.isfinite(est.value), est.value, -np.inf)
+        k = v.argmax(0)
+        top = v[k, np.arange(m)]
+        better = top > best
+        best[better] = top[better]
+        best_se[better] = est.se[k, np.arange(m)][better]
+        arg[better] = r[k][better]
+    return np.where(np.isfinite(best), best, np.nan), best_se, arg
+
+
+# ----------------------------------------------------------------------------- splits
+
+def atypical(mem: np.ndarray, t: float = 0.15) -> np.ndarray:
+    """Training examples with mem > t (NaN estimates count as typical)."""
+    mem = np.asarray(mem, dtype=np.float64)
+    return np.where(np.isfinite(mem), mem > t, False)
+
+
+def atypical_test(max_infl: np.ndarray, t: float = 0.15) -> np.ndarray:
+    """Test examples on which some atypical training example has influence > t
+    (``max_infl`` from ``max_influence`` over the atypical rows)."""
+    return atypical(max_infl, t)
+
+
+def top_fraction(score: np.ndarray, fraction: float) -> np.ndarray:
+    """The ``fraction`` of examples with the largest ``score`` (ties broken by position):
+    an atypical split from a proxy score, matched in size to another split."""
+    score = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-np.inf)
+    k = int(round(fraction * len(score)))
+    out = np.zeros(len(score), dtype=bool)
+    if k > 0:
+        out[np.argsort(-score, kind="stable")[:k]] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- proxy
+
+def learning_speed(correct_per_epoch: np.ndarray) -> np.ndarray:
+    """Per-example mean correctness over the epochs of one run (Jiang et al.'s learning
+    speed / C-score proxy): (E, n) bool -> (n,) in [0, 1]. Examples learnt late or forgotten
+    often are the ones a model has to memorise."""
+    return np.asarray(correct_per_epoch, dtype=np.float64).mean(0)
+
+
+def memorization_proxy(correct_per_epoch: np.ndarray) -> np.ndarray:
+    """1 - learning speed: high for examples fitted late (the memorised ones)."""
+    return 1.0 - learning_speed(correct_per_epoch)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> dict:
+    """Pearson and Spearman correlation over the entries where both are finite."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+
+    def pearson(u, v):
+        if len(u) < 2 or u.std() == 0 or v.std() == 0:
+            return float("nan")
+        return float(np.corrcoef(u, v)[0, 1])
+
+    def ranks(u):  # average ranks for ties
+        order = np.argsort(u, kind="stable")
+        r = np.empty(len(u))
+        r[order] = np.arange(len(u))
+        _, inv, counts = np.unique(u, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return sums[inv] / counts[inv]
+
+    return {"pearson": pearson(a, b), "spearman": pearson(ranks(a), ranks(b)) if len(a) else
+            float("nan"), "n": int(len(a))}
+
+
+# ----------------------------------------------------------------------------- estimation
+
+class SubsetEstimation:
+    """K subset models, each its own file ``<folder>/model_<k>.npz`` holding that model's
+    bool correctness arrays (e.g. ``train_clean``, ``test_clean``, ``train_adv``). Finished
+    models are skipped, so a killed estimation continues where it stopped; a manifest pins
+    (n, K-independent subset seed, fraction) so a folder is never mixed across settings.
+
+    ``train_one(k, mask) -> dict[str, bool array]`` trains model k on the examples where
+    ``mask`` is True and returns its correctness on every training and test example.
+    """
+
+    def __init__(self, folder, n: int, k: int, fraction: float = 0.7, seed: int = 0):
+        self.folder = Path(folder)
+        self.n, self.k, self.fraction, self.seed = n, k, fraction, seed
+        self.masks = subset_masks(n, k, fraction, seed)
+
+    def _manifest(self) -> dict:
+        return {"n": self.n, "fraction": self.fraction, "seed": self.seed}
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"model_{k:04d}.npz"
+
+    def done(self) -> list[int]:
+        return [k for k in range(self.k) if self.path(k).exists()]
+
+    def run(self, train_one: Callable[[int, np.ndarray], dict], log: Callable | None = None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = self.folder / "manifest.json"
+        if manifest.exists():
+            old = json.loads(manifest.read_text())
+            if old != self._manifest():
+                raise ValueError(f"{self.folder} holds an estimation with {old}, not "
+                                 f"{self._manifest()}; use another folder")
+        else:
+            manifest.write_text(json.dumps(self._manifest()))
+        for stale in self.folder.glob(".*.tmp.npz"):
+            stale.unlink(missing_ok=True)
+        for k in range(self.k):
+            if self.path(k).exists():
+                continue
+            arrays = train_one(k, self.masks[k])
+            tmp = self.folder / f".model_{k:04d}.{os.getpid()}.tmp.npz"
+            np.savez_compressed(tmp, **{n: np.asarray(v, dtype=bool) for n, v in arrays.items()})
+            os.replace(tmp, self.path(k))
+            if log:
+                log(f"[memorization] model {k + 1}/{self.k} done")
+        return self.load()
+
+    def load(self) -> dict[str, np.ndarray]:
+        """The stacked correctness arrays (K, ...) of the finished models, plus ``masks``."""
+        rows = self.done()
+        if not rows:
+            raise FileNotFoundError(f"no finished subset model in {self.folder}")
+        stacked: dict[str, list] = {}
+        for k in rows:
+            with np.load(self.path(k)) as d:
+                for name in d.files:
+                    stacked.setdefault(name, []).append(d[name])
+        out = {name: np.stack(v) for name, v in stacked.items()}
+        out["masks"] = self.masks[rows]
+        return out

@@ -1,0 +1,109 @@
+"""The subsampled memorization / influence estimator, its resumable driver, the atypical
+split and the single-run proxy, on hand-made arrays."""
+import numpy as np
+import pytest
+
+from repro import memorization as M
+
+
+def test_subset_masks_size_and_prefix_stability():
+    a = M.subset_masks(100, 5, 0.7, seed=3)
+    assert a.shape == (5, 100) and (a.sum(1) == 70).all()
+    b = M.subset_masks(100, 8, 0.7, seed=3)
+    assert np.array_equal(a, b[:5]), "growing K keeps the first models' subsets"
+    assert not np.array_equal(a, M.subset_masks(100, 5, 0.7, seed=4))
+
+
+def test_memorization_hand_made():
+    # 4 models, 3 examples. masks: which models saw which example.
+    masks = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1], [0, 0, 1]], bool)
+    correct = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 0]], bool)
+    est = M.memorization(correct, masks)
+    # ex 0: seen by models 0,1 (right twice), held out from 2,3 (wrong twice): mem = 1
+    # ex 1: always right: mem = 0; ex 2: seen by 2,3 (1/2), held out from 0,1 (2/2): -0.5
+    np.testing.assert_allclose(est.value, [1.0, 0.0, -0.5])
+    np.testing.assert_allclose(est.n_in, [2, 2, 2])
+    # Agresti-Caffo SE: proportions (s+1)/(n+2) in sqrt(p(1-p)/n_in + q(1-q)/n_out)
+    def se(s_in, n_in, s_out, n_out):
+        a, b = (s_in + 1) / (n_in + 2), (s_out + 1) / (n_out + 2)
+        return np.sqrt(a * (1 - a) / n_in + b * (1 - b) / n_out)
+    np.testing.assert_allclose(est.se, [se(2, 2, 0, 2), se(2, 2, 2, 2), se(1, 2, 2, 2)])
+    assert (est.se > 0).all()
+
+
+def test_memorization_nan_where_never_held_out():
+    masks = np.array([[1, 1], [1, 0]], bool)
+    est = M.memorization(np.ones((2, 2), bool), masks)
+    assert np.isnan(est.value[0]) and est.value[1] == 0
+    assert not M.atypical(est.value, 0.15)[0]
+
+
+def test_estimator_recovers_planted_memorization():
+    rng = np.random.default_rng(0)
+    n, k = 400, 200
+    masks = M.subset_masks(n, k, 0.7, seed=1)
+    truth = np.where(np.arange(n) < 100, 0.6, 0.0)        # 100 "atypical" examples
+    p_out = np.full(n, 0.3)
+    p = np.where(masks, p_out + truth, p_out)
+    correct = rng.random((k, n)) < p
+    est = M.memorization(correct, masks)
+    err = est.value - truth
+    assert abs(err.mean()) < 0.02
+    # the standard error is calibrated: about 95% of the errors within 2 SE
+    assert 0.9 < (np.abs(err) < 2 * est.se).mean() <= 1.0
+    split = M.atypical(est.value, 0.15)
+    assert split[:100].mean() > 0.95 and split[100:].mean() < 0.1
+
+
+def test_influence_matches_loop_and_max_influence():
+    rng = np.random.default_rng(2)
+    k, n, m = 30, 12, 5
+    masks = rng.random((k, n)) < 0.7
+    ct = rng.random((k, m)) < 0.5
+    est = M.influence(ct, masks)
+    for i in range(n):
+        for j in range(m):
+            want = ct[masks[:, i], j].mean() - ct[~masks[:, i], j].mean()
+            assert est.value[i, j] == pytest.approx(want)
+    rows = np.array([1, 4, 7])
+    best, se, arg = M.max_influence(ct, masks, rows, chunk=2)
+    np.testing.assert_allclose(best, est.value[rows].max(0))
+    assert set(arg) <= set(rows)
+    # with candidate lists: only those pairs count
+    cand = np.array([[4, 0], [1, 2], [3, 5], [7, 7], [0, 2]])
+    best_c, _, arg_c = M.max_influence(ct, masks, rows, candidates=cand)
+    assert best_c[0] == pytest.approx(est.value[4, 0]) and arg_c[0] == 4
+    assert best_c[1] == pytest.approx(est.value[1, 1])
+    assert np.isnan(best_c[2]) and arg_c[2] == -1
+    assert np.isnan(best_c[4])
+    assert M.atypical_test(np.array([0.2, 0.1, np.nan]), 0.15).tolist() == [True, False, False]
+
+
+def test_proxy_and_correlation():
+    hist = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 1]], bool)  # epochs x examples
+    np.testing.assert_allclose(M.learning_speed(hist), [1 / 3, 1, 2 / 3])
+    np.testing.assert_allclose(M.memorization_proxy(hist), [2 / 3, 0, 1 / 3])
+    c = M.correlation([1, 2, 3, np.nan], [2, 4, 7, 1])
+    assert c["n"] == 3 and c["spearman"] == pytest.approx(1.0) and 0.9 < c["pearson"] < 1
+    assert M.top_fraction(np.array([0.1, 0.9, 0.5, np.nan]), 0.5).tolist() == [False, True, True, False]
+
+
+def test_subset_estimation_resumes(tmp_path):
+    calls = []
+
+    def train_one(k, mask):
+        calls.append(k)
+        if k == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third model
+        return {"train_clean": mask.copy(), "test_clean": np.array([k % 2 == 0, True])}
+
+    est = M.SubsetEstimation(tmp_path / "mem", n=10, k=4, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        est.run(train_one)
+    assert est.done() == [0, 1]
+    out = M.SubsetEstimation(tmp_path / "mem", n=10, k=4, seed=0).run(train_one)
+    assert calls == [0, 1, 2, 2, 3], "finished models are not trained again"
+    assert out["train_clean"].shape == (4, 10) and out["masks"].shape == (4, 10)
+    np.testing.assert_array_equal(out["train_clean"], out["masks"])
+    with pytest.raises(ValueError, match="holds an estimation"):
+        M.SubsetEstimation(tmp_path / "mem", n=11, k=4, seed=0).run(train_one)
