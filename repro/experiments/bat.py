@@ -1,0 +1,668 @@
+"""BAT chapter (Xu et al., arXiv 2106.04794): memorization in adversarial training and Benign
+Adversarial Training, first public implementation.
+
+What ``run`` computes, each piece a cached run (``results/bat/``):
+
+- ``subsets-<data>``: K models trained on random 70% subsets of the training set, each
+  model's correctness on every training and test example (one file per model: a killed
+  estimation resumes at the next missing model; a model killed mid-training resumes from
+  its checkpoint);
+- ``proxy-<data>``: one standard training run on the whole training set whose per-epoch
+  training-set correctness gives the learning-speed proxy, and whose features give each test
+  example's nearest same-class training neighbours (the candidates for high influence);
+- ``memorization-<data>``: the memorization estimate with its standard error, the largest
+  influence of an atypical training example on each test example (over those candidates),
+  and the proxy-estimate correlation;
+- ``pgd_at``: PGD adversarial training on everything, with per-epoch clean and PGD
+  correctness of the first ``curve_test`` test examples (finding (a));
+- ``typical+<f>``: PGD-AT on the typical examples plus a fraction f of the atypical ones
+  (finding (b));
+- ``trades``, ``bat-a<alpha>``: the baselines and BAT, evaluated with PGD (and AutoAttack).
+
+Every split, curve and table the notebook shows is recomputed from those runs' arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repro import attacks, claims, data, evaluate, memorization, objectives, results, train
+from repro.experiments import common
+from repro.params import Param, Spec
+from repro.train import TrainConfig
+
+CHAPTER = "bat"
+
+SPEC = Spec(CHAPTER, [
+    Param("dataset", "str", "main dataset", choices=("cifar100", "cifar10")),
+    Param("contrast", "str", "second dataset whose memorization is estimated as a contrast",
+          choices=("none", "cifar10", "cifar100")),
+    Param("n_train", "int", "training images (None: all 48,000 after the validation split)",
+          optional=True),
+    Param("n_val", "int", "validation images (checkpoint selection; never the test set)"),
+    Param("n_test", "int", "test images"),
+    Param("mem_k", "int", "number of subset models K of the memorization estimator"),
+    Param("mem_fraction", "float", "fraction of the training set each subset model sees"),
+    Param("mem_arch", "str", "architecture of the subset models and the proxy run",
+          choices=("small_cnn", "preact_resnet18")),
+    Param("mem_width", "int", "channel width of the subset models"),
+    Param("mem_epochs", "int", "epochs of each subset model (and of the proxy run)"),
+    Param("mem_method", "str", "how subset models train: standard (Feldman & Zhang, as the "
+          "paper's scores) or pgd_at (also records adversarial correctness)",
+          choices=("standard", "pgd_at")),
+    Param("arch", "str", "architecture of the adversarially trained models",
+          choices=("small_cnn", "preact_resnet18")),
+    Param("width", "int", "channel width of the adversarially trained models"),
+    Param("epochs", "int", "epochs of each adversarially trained model"),
+    Param("lr", "float", "SGD learning rate (momentum 0.9, weight decay 5e-4)"),
+    Param("milestones", "list[float]", "lr x0.1 at these fractions of training"),
+    Param("batch_size", "int", "batch size"),
+    Param("eps255", "float", "L-inf radius in /255 units (train and test)"),
+    Param("train_steps", "int", "PGD steps when generating training attacks"),
+    Param("eval_steps", "int", "PGD steps in evaluation"),
+    Param("restarts", "int", "PGD restarts in evaluation"),
+    Param("t", "float", "memorization threshold: atypical = mem > t"),
+    Param("split_source", "str", "what defines the atypical training examples: the subsampled "
+          "estimate, or the proxy's top examples in the estimate's proportion",
+          choices=("estimate", "proxy")),
+    Param("n_neighbors", "int", "nearest same-class training examples per test example whose "
+          "influence is estimated"),
+    Param("alphas", "list[float]", "BAT's alpha values (reweighting strength)"),
+    Param("beta", "float", "BAT's weight of the discrimination loss"),
+    Param("tau", "float", "temperature of the discrimination loss"),
+    Param("trades_beta", "float", "TRADES's beta"),
+    Param("atypical_fractions", "list[float]", "finding (b): fractions of the atypical "
+          "training examples added to the typical ones"),
+    Param("curve_test", "int", "test examples evaluated after every epoch (finding (a))"),
+    Param("autoattack", "str", "AutoAttack version on the final models",
+          choices=("none", "fast", "standard")),
+    Param("seed", "int", "seed for subsets, data order, initialisation and attacks"),
+    Param("device", "str", "'auto', 'cpu' or 'cuda'"),
+], presets={
+    "smoke": dict(dataset="cifar100", contrast="cifar10", n_train=600, n_val=100, n_test=300,
+                  mem_k=4, mem_fraction=0.7, mem_arch="small_cnn", mem_width=4, mem_epochs=2,
+                  mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
+                  milestones=[0.5, 0.75], batch_size=100, eps255=8.0, train_steps=2,
+                  eval_steps=3, restarts=1, t=0.15, split_source="estimate", n_neighbors=5,
+                  alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
+                  atypical_fractions=[0.0, 1.0], curve_test=100, autoattack="none", seed=0,
+                  device="auto"),
+    "laptop": dict(dataset="cifar100", contrast="cifar10", n_train=4000, n_val=200,
+                   n_test=1000, mem_k=16, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
+                   mem_epochs=8, mem_method="standard", arch="small_cnn", width=16, epochs=8,
+                   lr=0.05, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
+                   train_steps=3, eval_steps=10, restarts=1, t=0.15, split_source="proxy",
+                   n_neighbors=10, alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
+                   atypical_fractions=[0.0, 0.5, 1.0], curve_test=500, autoattack="fast",
+                   seed=0, device="auto"),
+    "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=10000,
+                mem_k=100, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
+                mem_epochs=10, mem_method="standard", arch="preact_resnet18", width=32,
+                epochs=20, lr=0.1, milestones=[0.5, 0.75], batch_size=256, eps255=8.0,
+                train_steps=5, eval_steps=20, restarts=1, t=0.15, split_source="estimate",
+                n_neighbors=20, alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
+                atypical_fractions=[0.0, 0.5, 1.0], curve_test=2000, autoattack="fast",
+                seed=0, device="auto"),
+    "paper": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000,
+                  n_test=10000, mem_k=2000, mem_fraction=0.7, mem_arch="preact_resnet18",
+                  mem_width=64, mem_epochs=30, mem_method="standard", arch="preact_resnet18",
+                  width=64, epochs=160, lr=0.1, milestones=[0.5, 0.75], batch_size=128,
+                  eps255=8.0, train_steps=10, eval_steps=20, restarts=1, t=0.15,
+                  split_source="estimate", n_neighbors=50, alphas=[1.0, 2.0], beta=0.2,
+                  tau=0.1, trades_beta=6.0, atypical_fractions=[0.0, 0.25, 0.5, 0.75, 1.0],
+                  curve_test=10000, autoattack="standard", seed=0, device="auto"),
+})
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _eps(cfg) -> float:
+    return cfg["eps255"] / 255
+
+
+def _model_fn(arch: str, width: int, ds: data.Dataset, seed: int):
+    kw = {"in_size": ds.image_shape[-1]} if arch == "small_cnn" else {}
+    return common.model_for(arch, ds, width=width, init_seed=seed, **kw)
+
+
+def _train_cfg(cfg, *, epochs: int, adversarial: bool, n_val: int, seed: int) -> TrainConfig:
+    eps = _eps(cfg)
+    return TrainConfig(epochs=epochs, batch_size=cfg["batch_size"], optimizer="sgd",
+                       lr=cfg["lr"], momentum=0.9, weight_decay=5e-4, schedule="multistep",
+                       milestones=tuple(cfg["milestones"]), seed=seed, augment=True,
+                       val_every=1 if n_val else 0, val_size=n_val, val_eps=eps,
+                       val_alpha=2.5 * eps / max(1, cfg["eval_steps"]),
+                       val_steps=cfg["eval_steps"],
+                       select_metric="val_robust" if adversarial else "val_clean")
+
+
+def _subset(ds: data.Dataset, idx: np.ndarray) -> data.Dataset:
+    idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    return data.Dataset(ds.name, ds.classes, ds.x_train[idx_t], ds.y_train[idx_t], ds.x_val,
+                        ds.y_val, ds.x_test, ds.y_test, source=ds.source, extras=ds.extras)
+
+
+def _pgd(cfg, device, steps=None, restarts=None):
+    eps, steps = _eps(cfg), steps or cfg["eval_steps"]
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 11)
+    return lambda m, xb, yb: attacks.pgd(m, xb, yb, eps=eps, alpha=2.5 * eps / steps,
+                                         steps=steps, restarts=restarts or cfg["restarts"],
+                                         generator=gen)
+
+
+def _epoch_hook_files(folder: Path, train_dir: Path, steps_per_epoch: int) -> None:
+    """Drop per-epoch files of epochs a resumed run will redo (written after its last
+    checkpoint): the hook's files always match the trainer's history."""
+    if (train_dir / "result.json").exists():
+        return
+    ckpt = train_dir / "checkpoint.pt"
+    done = 0
+    if ckpt.exists():
+        step = train.global_step_saved(ckpt)
+        done = step // steps_per_epoch if isinstance(step, int) else 0
+    for f in folder.glob("epoch_*.npz"):
+        if int(f.stem.split("_")[1]) > done:
+            f.unlink()
+
+
+def _train_with_hook(name: str, config: dict, *, model_fn, objective, dataset, train_cfg,
+                     device, progress, hook=None, evaluate_fn):
+    """common.train_and_evaluate with a per-epoch hook ``hook(model) -> dict of arrays``
+    whose results are stored as ``epoch_<e>.npz`` in the run folder (resumable) and handed
+    to ``evaluate_fn(model, epochs: list[dict])``."""
+    def compute(run: results.Run):
+        model = model_fn()
+        run_dir = run.path / "train"
+        hooks = run.path / "epochs"
+        hooks.mkdir(parents=True, exist_ok=True)
+        spe = data.steps_per_epoch(len(dataset.y_train), train_cfg.batch_size)
+        _epoch_hook_files(hooks, run_dir, spe)
+
+        def validate(m):
+            out = (train.validate_robust(m, dataset.x_val, dataset.y_val, train_cfg, device)
+                   if train_cfg.val_size else {})
+            if hook is not None:
+                e = len(list(hooks.glob("epoch_*.npz"))) + 1
+                was = m.training
+                m.eval()
+                arrays = hook(m)
+                m.train(was)
+                tmp = hooks / f".epoch_{e:04d}.tmp.npz"
+                np.savez_compressed(tmp, **arrays)
+                tmp.replace(hooks / f"epoch_{e:04d}.npz")
+            return out
+
+        result = train.train(model, objective, dataset, train_cfg, run_dir, device=device,
+                             progress=progress, validate=validate)
+        weights = result.best_path or result.final_path
+        train.load_weights(model, weights, device)
+        model.to(device).eval()
+        epochs = []
+        for f in sorted(hooks.glob("epoch_*.npz")):
+            with np.load(f) as d:
+                epochs.append({k: d[k] for k in d.files})
+        metrics, arrays = evaluate_fn(model, epochs)
+        metrics["training"] = {"history": result.history, "seconds": result.seconds,
+                               "weights": "best-on-validation" if weights == result.best_path
+                               else "final", "best_step": result.best_step}
+        return metrics, arrays
+
+    full = {**config, "train": train_cfg.to_dict(), "objective": common._describe(objective)}
+    return results.cached(CHAPTER, name, full, compute, device=device)
+
+
+def _correct(model, x, y, device, attack=None, batch_size=500) -> np.ndarray:
+    if attack is None:
+        return (evaluate.predict(model, x, batch_size=batch_size, device=device) == y.cpu()).numpy()
+    res = evaluate.robust_eval(model, x, y, {"a": attack}, device=device, progress=False,
+                               batch_size=batch_size)
+    return res.per_attack["a"]
+
+
+def _record(run: results.Run) -> dict:
+    return {"metrics": run.metrics(), "arrays": run.arrays(), "provenance": run.provenance(),
+            "path": str(run.path)}
+
+
+# ----------------------------------------------------------------------------- memorization
+
+def _mem_config(cfg, name: str) -> dict:
+    keys = ("n_train", "n_val", "n_test", "mem_k", "mem_fraction", "mem_arch", "mem_width",
+            "mem_epochs", "mem_method", "lr", "milestones", "batch_size", "eps255",
+            "train_steps", "seed")
+    return {"dataset": name, **{k: cfg[k] for k in keys}}
+
+
+def _mem_objective(cfg):
+    if cfg["mem_method"] == "standard":
+        return objectives.standard()
+    eps = _eps(cfg)
+    return objectives.pgd_at(eps=eps, alpha=2.5 * eps / cfg["train_steps"],
+                             steps=cfg["train_steps"])
+
+
+def subset_models(cfg, ds, device, progress=False) -> results.Run:
+    """The K subset models' correctness arrays (cached; resumable per model)."""
+    conf = _mem_config(cfg, ds.name)
+
+    def compute(run: results.Run):
+        est = memorization.SubsetEstimation(run.path / "models", len(ds.y_train), cfg["mem_k"],
+                                            cfg["mem_fraction"], cfg["seed"])
+        tcfg = _train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False, n_val=0,
+                          seed=cfg["seed"])
+        adv = cfg["mem_method"] == "pgd_at"
+
+        def train_one(k, mask):
+            model = _model_fn(cfg["mem_arch"], cfg["mem_width"], ds, cfg["seed"] + 1000 + k)()
+            folder = run.path / "models" / f"train_{k:04d}"
+            tc = dataclasses.replace(tcfg, seed=cfg["seed"] + 1000 + k)
+            train.train(model, _mem_objective(cfg), _subset(ds, np.flatnonzero(mask)), tc,
+                        folder, device=device, progress=progress)
+            model.eval()
+            out = {"train_clean": _correct(model, ds.x_train, ds.y_train, device),
+                   "test_clean": _correct(model, ds.x_test, ds.y_test, device)}
+            if adv:
+                out["train_adv"] = _correct(model, ds.x_train, ds.y_train, device, _pgd(cfg, device))
+                out["test_adv"] = _correct(model, ds.x_test, ds.y_test, device, _pgd(cfg, device))
+            shutil.rmtree(folder, ignore_errors=True)  # weights are not needed any more
+            return out
+
+        stacked = est.run(train_one, log=print if progress else None)
+        return {"k": int(len(stacked["masks"])), "n_train": len(ds.y_train),
+                "n_test": len(ds.y_test)}, {k: v for k, v in stacked.items()}
+
+    return results.cached(CHAPTER, f"subsets-{ds.name}", conf, compute, device=device)
+
+
+def proxy_run(cfg, ds, device, progress=False) -> results.Run:
+    """One standard run on the whole training set: per-epoch training correctness (the
+    learning-speed proxy) and each test example's nearest same-class training neighbours."""
+    conf = {**_mem_config(cfg, ds.name), "mem_k": None, "n_neighbors": cfg["n_neighbors"]}
+    tcfg = _train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False, n_val=cfg["n_val"],
+                      seed=cfg["seed"])
+
+    def hook(model):
+        return {"train_clean": _correct(model, ds.x_train, ds.y_train, device)}
+
+    def evaluate_fn(model, epochs):
+        per_epoch = np.stack([e["train_clean"] for e in epochs])
+        feats_tr = _features(model, ds.x_train, device)
+        feats_te = _features(model, ds.x_test, device)
+        nbrs = _neighbors(feats_te, ds.y_test, feats_tr, ds.y_train, cfg["n_neighbors"])
+        test_ok = _correct(model, ds.x_test, ds.y_test, device)
+        return ({"epochs": len(epochs), "test_clean": float(test_ok.mean())},
+                {"train_correct_per_epoch": per_epoch,
+                 "proxy": memorization.memorization_proxy(per_epoch).astype(np.float32),
+                 "test_neighbors": nbrs.astype(np.int32)})
+
+    return _train_with_hook(f"proxy-{ds.name}", conf,
+                            model_fn=_model_fn(cfg["mem_arch"], cfg["mem_width"], ds, cfg["seed"]),
+                            objective=objectives.standard(), dataset=ds, train_cfg=tcfg,
+                            device=device, progress=progress, hook=hook, evaluate_fn=evaluate_fn)
+
+
+@torch.no_grad()
+def _features(model, x, device, batch_size=500) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(model.features(data.to_float(x[i:i + batch_size].to(device))).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=1)
+
+
+def _neighbors(f_te, y_te, f_tr, y_tr, k, chunk=1000) -> np.ndarray:
+    """(m, k) indices of each test example's k most cosine-similar same-class training
+    examples (-1 padding where a class has fewer)."""
+    out = np.full((len(y_te), k), -1, dtype=np.int64)
+    for i in range(0, len(y_te), chunk):
+        sim = f_te[i:i + chunk] @ f_tr.t()
+        sim[y_te[i:i + chunk, None].cpu() != y_tr[None, :].cpu()] = -float("inf")
+        kk = min(k, sim.shape[1])
+        v, idx = sim.topk(kk, dim=1)
+        idx[~torch.isfinite(v)] = -1
+        out[i:i + chunk, :kk] = idx.numpy()
+    return out
+
+
+def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> results.Run:
+    """Estimate + SE + splits + proxy correlation (cached; reads the subset models)."""
+    subs = subset_models(cfg, ds, device, progress)
+    prox = proxy_run(cfg, ds, device, progress) if with_proxy else None
+    conf = {**_mem_config(cfg, ds.name), "t": cfg["t"], "split_source": cfg["split_source"],
+            "n_neighbors": cfg["n_neighbors"], "proxy": with_proxy}
+
+    def compute(run: results.Run):
+        a = subs.arrays()
+        masks = a["masks"]
+        est = memorization.memorization(a["train_clean"], masks)
+        metrics = {"k": int(len(masks)), "estimate": est.summary(),
+                   "fraction_atypical_estimate": float(memorization.atypical(est.value, cfg["t"]).mean())}
+        arrays = {"mem": est.value.astype(np.float32), "mem_se": est.se.astype(np.float32),
+                  "p_in": est.p_in.astype(np.float32), "p_out": est.p_out.astype(np.float32),
+                  "n_in": est.n_in.astype(np.int32)}
+        if "train_adv" in a:
+            adv = memorization.memorization(a["train_adv"], masks)
+            arrays["mem_adv"] = adv.value.astype(np.float32)
+            metrics["estimate_adv"] = adv.summary()
+        atyp = memorization.atypical(est.value, cfg["t"])
+        if prox is not None:
+            pa = prox.arrays()
+            proxy = pa["proxy"].astype(np.float64)
+            metrics["proxy_correlation"] = memorization.correlation(proxy, est.value)
+            if cfg["split_source"] == "proxy":
+                atyp = memorization.top_fraction(proxy, float(atyp.mean()))
+            arrays["proxy"] = pa["proxy"]
+            best, best_se, arg = memorization.max_influence(
+                a["test_clean"], masks, np.flatnonzero(atyp), candidates=pa["test_neighbors"])
+            test_atyp = memorization.atypical_test(best, cfg["t"])
+            arrays.update(test_max_infl=best.astype(np.float32),
+                          test_max_infl_se=best_se.astype(np.float32),
+                          test_infl_source=arg.astype(np.int32), test_atypical=test_atyp)
+            metrics["fraction_atypical_test"] = float(test_atyp.mean())
+        arrays["train_atypical"] = atyp
+        metrics["fraction_atypical_train"] = float(atyp.mean())
+        metrics["n_atypical_train"] = int(atyp.sum())
+        return metrics, arrays
+
+    return results.cached(CHAPTER, f"memorization-{ds.name}", conf, compute, device=device)
+
+
+# ----------------------------------------------------------------------------- AT runs
+
+def _at_config(cfg) -> dict:
+    keys = ("dataset", "n_train", "n_val", "n_test", "arch", "width", "epochs", "lr",
+            "milestones", "batch_size", "eps255", "train_steps", "eval_steps", "restarts",
+            "autoattack", "curve_test", "seed")
+    return {k: cfg[k] for k in keys}
+
+
+def _evaluate_final(model, ds, cfg, device, progress):
+    res = evaluate.robust_eval(model, ds.x_test, ds.y_test,
+                               {"pgd": _pgd(cfg, device)}, device=device, progress=progress,
+                               threat=("linf", _eps(cfg)))
+    metrics = {"accuracy": res.accuracy(), "n_test": res.n}
+    arrays = {"correct_clean": res.clean, "correct_pgd": res.per_attack["pgd"]}
+    if cfg["autoattack"] != "none":
+        aa = evaluate.autoattack(model, ds.x_test, ds.y_test, eps=_eps(cfg),
+                                 version=cfg["autoattack"], device=device, seed=cfg["seed"])
+        key = next(iter(aa.per_attack))
+        metrics["autoattack"] = {"version": cfg["autoattack"], "key": key,
+                                 "accuracy": float(aa.per_attack[key].mean())}
+        arrays["correct_aa"] = aa.per_attack[key]
+    return metrics, arrays
+
+
+def _at_run(name, cfg, ds, train_ds, objective, device, progress, extra=None, curves=False):
+    eps = _eps(cfg)
+    tcfg = _train_cfg(cfg, epochs=cfg["epochs"], adversarial=True, n_val=cfg["n_val"],
+                      seed=cfg["seed"])
+    m = min(cfg["curve_test"], len(ds.y_test))
+
+    def hook(model):
+        xs, ys = ds.x_test[:m], ds.y_test[:m]
+        return {"test_clean": _correct(model, xs, ys, device),
+                "test_pgd": _correct(model, xs, ys, device, _pgd(cfg, device))}
+
+    def evaluate_fn(model, epochs):
+        metrics, arrays = _evaluate_final(model, ds, cfg, device, progress)
+        if epochs:
+            arrays["curve_clean"] = np.stack([e["test_clean"] for e in epochs])
+            arrays["curve_pgd"] = np.stack([e["test_pgd"] for e in epochs])
+        metrics["n_train"] = int(len(train_ds.y_train))
+        return metrics, arrays
+
+    del eps
+    return _train_with_hook(name, {**_at_config(cfg), **(extra or {}), "method": name},
+                            model_fn=_model_fn(cfg["arch"], cfg["width"], ds, cfg["seed"]),
+                            objective=objective, dataset=train_ds, train_cfg=tcfg,
+                            device=device, progress=progress, hook=hook if curves else None,
+                            evaluate_fn=evaluate_fn)
+
+
+def _pgd_at_objective(cfg):
+    eps = _eps(cfg)
+    return objectives.pgd_at(eps=eps, alpha=2.5 * eps / cfg["train_steps"],
+                             steps=cfg["train_steps"])
+
+
+def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
+    cfg = SPEC.resolve(preset, **overrides)
+    torch.manual_seed(cfg["seed"])
+    device = common.pick_device(cfg["device"])
+    eps = _eps(cfg)
+    ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                             n_val=cfg["n_val"])
+    out = {"config": cfg, "runs": {}}
+    mem = memorization_run(cfg, ds, device, progress)
+    out["runs"]["memorization"] = _record(mem)
+    out["runs"]["proxy"] = _record(proxy_run(cfg, ds, device, progress))
+    if cfg["contrast"] not in ("none", cfg["dataset"]):
+        cds = common.load_dataset(cfg["contrast"], n_train=cfg["n_train"],
+                                  n_test=cfg["n_test"], n_val=cfg["n_val"])
+        out["runs"]["memorization_contrast"] = _record(
+            memorization_run(cfg, cds, device, progress, with_proxy=False))
+    atyp = mem.arrays()["train_atypical"]
+
+    # PGD-AT on everything (baseline + finding (a) curves), TRADES, BAT
+    step = 2.5 * eps / cfg["train_steps"]
+    split_key = {"split": {"t": cfg["t"], "source": cfg["split_source"],
+                           "mem": _mem_config(cfg, ds.name)}}
+    out["runs"]["pgd_at"] = _record(_at_run("pgd_at", cfg, ds, ds, _pgd_at_objective(cfg),
+                                            device, progress, curves=True))
+    out["runs"]["trades"] = _record(_at_run(
+        "trades", cfg, ds, ds, objectives.trades(beta=cfg["trades_beta"], eps=eps, alpha=step,
+                                                 steps=cfg["train_steps"]),
+        device, progress, extra={"trades_beta": cfg["trades_beta"]}))
+    for a in cfg["alphas"]:
+        obj = objectives.bat(atyp, alpha=a, beta=cfg["beta"], tau=cfg["tau"], eps=eps,
+                             step=step, steps=cfg["train_steps"])
+        out["runs"][f"bat-a{a:g}"] = _record(_at_run(
+            f"bat-a{a:g}", cfg, ds, ds, obj, device, progress,
+            extra={**split_key, "alpha": a, "beta": cfg["beta"], "tau": cfg["tau"]}))
+
+    # finding (b): typical examples plus a growing fraction of the atypical ones
+    rng = np.random.default_rng(cfg["seed"])
+    atyp_idx = rng.permutation(np.flatnonzero(atyp))
+    typ_idx = np.flatnonzero(~atyp)
+    for f in cfg["atypical_fractions"]:
+        idx = np.sort(np.concatenate([typ_idx, atyp_idx[:int(round(f * len(atyp_idx)))]]))
+        out["runs"][f"typical+{f:g}"] = _record(_at_run(
+            f"typical+{f:g}", cfg, ds, _subset(ds, idx), _pgd_at_objective(cfg), device,
+            progress, extra={**split_key, "atypical_fraction": f}))
+    out["summary"] = summary(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- views
+
+def _robust_key(metrics: dict) -> tuple[str, float]:
+    if "autoattack" in metrics:
+        return f"AutoAttack ({metrics['autoattack']['version']})", metrics["autoattack"]["accuracy"]
+    return "PGD", metrics["accuracy"]["pgd"]
+
+
+def splits(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train atypical, test atypical) bool arrays of the main dataset."""
+    a = result["runs"]["memorization"]["arrays"]
+    return a["train_atypical"], a["test_atypical"]
+
+
+def by_split(result: dict, run: str) -> dict:
+    """Clean / PGD accuracy of a run's final model on typical and atypical test examples."""
+    a = result["runs"][run]["arrays"]
+    _, test_atyp = splits(result)
+    out = {}
+    for name, sel in (("typical", ~test_atyp), ("atypical", test_atyp), ("all", None)):
+        for kind in ("clean", "pgd"):
+            v = a[f"correct_{kind}"]
+            v = v if sel is None else v[sel]
+            out[f"{name} {kind}"] = float(v.mean()) if len(v) else float("nan")
+    return out
+
+
+def curves(result: dict, run: str = "pgd_at") -> dict:
+    """Finding (a): per-epoch accuracy on typical / atypical test examples, clean and PGD."""
+    a = result["runs"][run]["arrays"]
+    _, test_atyp = splits(result)
+    m = a["curve_clean"].shape[1]
+    sel = test_atyp[:m]
+    out = {"epoch": list(range(1, a["curve_clean"].shape[0] + 1))}
+    for name, s in (("typical", ~sel), ("atypical", sel)):
+        for kind in ("clean", "pgd"):
+            c = a[f"curve_{kind}"][:, s]
+            out[f"{name} {kind}"] = (c.mean(1) if s.any() else np.full(len(c), np.nan)).tolist()
+    out["n_typical"], out["n_atypical"] = int((~sel).sum()), int(sel.sum())
+    return out
+
+
+def fractions(result: dict) -> dict:
+    """Finding (b): accuracy on typical test examples against the atypical fraction added."""
+    fr = result["config"]["atypical_fractions"]
+    rows = [by_split(result, f"typical+{f:g}") for f in fr]
+    return {"fraction": fr, "typical clean": [r["typical clean"] for r in rows],
+            "typical pgd": [r["typical pgd"] for r in rows],
+            "n_train": [result["runs"][f"typical+{f:g}"]["metrics"]["n_train"] for f in fr]}
+
+
+def methods(result: dict) -> list[str]:
+    return ["pgd_at", "trades", *[f"bat-a{a:g}" for a in result["config"]["alphas"]]]
+
+
+LABELS = {"pgd_at": "PGD-AT", "trades": "TRADES"}
+
+
+def label(run: str) -> str:
+    if run.startswith("bat-a"):
+        return f"BAT (α={run[5:]})"
+    return LABELS.get(run, run)
+
+
+def table(result: dict):
+    """Clean / PGD / AutoAttack accuracy (%) of PGD-AT, TRADES and BAT."""
+    import pandas as pd
+    rows = {}
+    for r in methods(result):
+        m = result["runs"][r]["metrics"]
+        row = {"clean": m["accuracy"]["clean"], "PGD": m["accuracy"]["pgd"]}
+        if "autoattack" in m:
+            row[f"AutoAttack ({m['autoattack']['version']})"] = m["autoattack"]["accuracy"]
+        s = by_split(result, r)
+        row["atypical clean"], row["atypical PGD"] = s["atypical clean"], s["atypical pgd"]
+        rows[label(r)] = row
+    return (pd.DataFrame(rows).T * 100).round(2)
+
+
+def extremes(result: dict, ds: data.Dataset | None = None, per_class: int = 1,
+             n_classes: int = 8) -> dict:
+    """The most and least memorised training images of the first ``n_classes`` classes
+    (images loaded from the dataset: they are not stored in the runs)."""
+    cfg = result["config"]
+    if ds is None:
+        ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                                 n_val=cfg["n_val"])
+    mem = result["runs"]["memorization"]["arrays"]["mem"]
+    y = ds.y_train.numpy()
+    most, least, labels = [], [], []
+    for c in range(n_classes):
+        idx = np.flatnonzero((y == c) & np.isfinite(mem))
+        if len(idx) == 0:
+            continue
+        order = idx[np.argsort(mem[idx], kind="stable")]
+        least += list(order[:per_class])
+        most += list(order[::-1][:per_class])
+        labels += [ds.classes[c]] * per_class
+    return {"most": common.as_numpy_images(ds.x_train[most]), "least":
+            common.as_numpy_images(ds.x_train[least]), "labels": labels,
+            "mem_most": mem[most], "mem_least": mem[least]}
+
+
+def summary(result: dict) -> dict:
+    mm = result["runs"]["memorization"]["metrics"]
+    s = {"k": mm["k"], "mem_mean_se": mm["estimate"]["mean_se"],
+         "proxy_spearman": mm.get("proxy_correlation", {}).get("spearman"),
+         "fraction_atypical_train": mm["fraction_atypical_train"],
+         "fraction_atypical_test": mm.get("fraction_atypical_test")}
+    for r in methods(result):
+        m = result["runs"][r]["metrics"]
+        s[r] = {"clean": m["accuracy"]["clean"], "pgd": m["accuracy"]["pgd"],
+                "robust": _robust_key(m)[1]}
+    return s
+
+
+# ----------------------------------------------------------------------------- claims
+
+def _pct(x):
+    return f"{100 * x:.1f}%"
+
+
+def _claim_a(result: dict) -> claims.Outcome:
+    c = curves(result)
+    if c["n_atypical"] == 0:
+        return claims.Outcome("no atypical test example found", claims.NOT_YET_RUN)
+    g_clean = c["atypical clean"][-1] - c["atypical clean"][0]
+    g_pgd = c["atypical pgd"][-1] - c["atypical pgd"][0]
+    ours = (f"atypical test ({c['n_atypical']}): clean {_pct(c['atypical clean'][0])} → "
+            f"{_pct(c['atypical clean'][-1])}, PGD {_pct(c['atypical pgd'][0])} → "
+            f"{_pct(c['atypical pgd'][-1])}")
+    verdict = (claims.REPRODUCED if g_clean > 0.02 and g_pgd < 0.5 * g_clean else
+               claims.PARTLY if g_pgd < g_clean else claims.NOT_REPRODUCED)
+    return claims.Outcome(ours, verdict, value=100 * (g_clean - g_pgd))
+
+
+def _claim_b(result: dict) -> claims.Outcome:
+    f = fractions(result)
+    r = f["typical pgd"]
+    ours = ", ".join(f"{100 * a:g}% atypical: {_pct(v)}" for a, v in zip(f["fraction"], r))
+    drop = r[0] - r[-1]
+    verdict = (claims.REPRODUCED if drop > 0.01 else claims.PARTLY if drop > 0
+               else claims.NOT_REPRODUCED)
+    return claims.Outcome("PGD acc. on typical test: " + ours, verdict, value=100 * drop)
+
+
+def _claim_tradeoff(result: dict) -> claims.Outcome:
+    def point(run):
+        m = result["runs"][run]["metrics"]
+        return m["accuracy"]["clean"], _robust_key(m)[1]
+    bats = [r for r in methods(result) if r.startswith("bat")]
+    best = max(bats, key=lambda r: sum(point(r)))
+    bc, br = point(best)
+    wins = []
+    for base in ("pgd_at", "trades"):
+        c, r = point(base)
+        wins.append(bc >= c - 0.005 and br >= r - 0.005 and (bc > c + 0.005 or br > r + 0.005))
+    ours = f"{label(best)}: clean {_pct(bc)}, robust {_pct(br)}; " + "; ".join(
+        f"{label(b)}: {_pct(point(b)[0])}, {_pct(point(b)[1])}" for b in ("pgd_at", "trades"))
+    verdict = (claims.REPRODUCED if all(wins) else claims.PARTLY if any(wins)
+               else claims.NOT_REPRODUCED)
+    c0, r0 = point("pgd_at")
+    return claims.Outcome(ours, verdict, value=100 * ((bc + br) - (c0 + r0)))
+
+
+def _with(claim_id, fn):
+    import dataclasses
+    return dataclasses.replace(claims.get(claim_id), evaluate=fn)
+
+
+CLAIMS = [
+    _with("bat.atypical-clean-not-robust", _claim_a),
+    _with("bat.atypical-hurts-typical", _claim_b),
+    _with("bat.tradeoff", _claim_tradeoff),
+]
+
+
+def claim_table(result: dict):
+    import pandas as pd
+    rows = []
+    for c in CLAIMS:
+        o = c.judge(result)
+        rows.append({"claim": c.text, "paper": c.paper_value, "ours": o.ours,
+                     "verdict": o.verdict})
+    return pd.DataFrame(rows)
+
+
+def dump(result: dict) -> str:
+    return json.dumps(result["summary"], indent=1, default=float)
