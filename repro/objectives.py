@@ -453,3 +453,73 @@ def bat(atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255, steps
 
 
 OBJECTIVES["bat"] = bat
+
+
+class LMT(Objective):
+    """Lipschitz-margin training (Tsuzuku, Sato & Sugiyama, NeurIPS 2018): cross-entropy on
+    logits with sqrt(2)·c·L added to every non-target logit, L the network's L2 Lipschitz
+    bound (``repro.lipschitz``); LMT++ (``plus=True``) adds c·||w_t - w_i||·L_penultimate
+    instead (the per-pair bound of the last linear layer).
+
+    L comes from a ``LipschitzEstimator``: one power-iteration step per optimisation step on
+    persistent vectors, differentiable in the weights (BN bounded with its running
+    statistics, as at inference). Its vectors are this objective's ``state_dict``, so the
+    trainer checkpoints them and a resumed run continues exactly. The estimator is built on
+    the first call (it needs the model and the input shape) and rebuilt if the model changes.
+
+    c ramps geometrically from ``c_start`` (default c/1000) to ``c`` over ``warmup_epochs``
+    (fractional epochs: per step), see ``repro.lipschitz.lmt_c``; 0 keeps c constant.
+    """
+
+    name = "lmt"
+
+    def __init__(self, c=1.0, plus=False, warmup_epochs=0.0, c_start=None, seed=0):
+        self.c, self.plus, self.warmup_epochs = float(c), bool(plus), float(warmup_epochs)
+        self.c_start = None if c_start is None else float(c_start)
+        self.seed = int(seed)
+        self._estimator, self._model, self._pending = None, None, None
+
+    def c_at(self, state: StepState) -> float:
+        from repro import lipschitz
+        epoch = state.step / max(1, state.steps_per_epoch)
+        return lipschitz.lmt_c(epoch, self.c, self.warmup_epochs, self.c_start)
+
+    def estimator(self, model: nn.Module, input_shape) -> "nn.Module":
+        """The (persistent) training-time bound for ``model``."""
+        from repro import lipschitz
+        if self._estimator is None or self._model is not model:
+            est = lipschitz.LipschitzEstimator(model, tuple(input_shape), pairwise=self.plus,
+                                               seed=self.seed)
+            if self._pending is not None:
+                est.load_state_dict(self._pending)
+                self._pending = None
+            device = next(model.parameters()).device
+            self._estimator, self._model = est.to(device), model
+        return self._estimator
+
+    def __call__(self, model, batch, state):
+        from repro import lipschitz
+        bound = self.estimator(model, batch.x.shape[1:])()
+        c = self.c_at(state)
+        logits = model(batch.x).float()
+        loss = losses.cross_entropy(lipschitz.lmt_logits(logits, batch.y, c, bound), batch.y)
+        scalar = bound if bound.dim() == 0 else bound.detach().amax()
+        return loss, {"loss": loss.detach(), "acc": losses.accuracy(logits.detach(), batch.y),
+                      "lipschitz": scalar.detach(), "c": c}
+
+    def state_dict(self) -> dict:
+        if self._estimator is not None:
+            return {k: v.detach().clone() for k, v in self._estimator.state_dict().items()}
+        return dict(self._pending or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        # Applied when the estimator is (re)built on the next call: the model may be new.
+        self._pending = dict(state) if state else None
+        self._estimator, self._model = None, None
+
+
+def lmt(c=1.0, plus=False, warmup_epochs=0.0, c_start=None, seed=0) -> LMT:
+    return LMT(c, plus, warmup_epochs, c_start, seed)
+
+
+OBJECTIVES["lmt"] = lmt
