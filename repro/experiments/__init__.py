@@ -11,6 +11,7 @@ from repro.data import PROJECT_ROOT
 # Chapter name -> module; the notebook is notebooks/<name>.ipynb.
 CHAPTERS = {
     "intro": "repro.experiments.intro",
+    "he": "repro.experiments.he",
     "bat": "repro.experiments.bat",
 }
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
