@@ -569,7 +569,7 @@ def extremes(result: dict, ds: data.Dataset | None = None, per_class: int = 1,
     most, least, labels = [], [], []
     for c in range(n_classes):
         idx = np.flatnonzero((y == c) & np.isfinite(mem))
-        if len(idx) == 0:
+        if len(idx) < 2 * per_class:
             continue
         order = idx[np.argsort(mem[idx], kind="stable")]
         least += list(order[:per_class])
