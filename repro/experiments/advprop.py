@@ -1,0 +1,381 @@
+"""AdvProp chapter (Xie et al., CVPR 2020) at CIFAR-10 scale: vanilla training, adversarial
+training with one shared BN on clean + adversarial images (the paper's "preliminary way") and
+AdvProp (adversarial images through auxiliary BNs), at the same budget and seeds.
+
+Every model is evaluated with its main BNs on clean test images, on CIFAR-10-C-style
+corruptions (``repro.corruptions``, computed on the fly) and under a small L-inf PGD attack.
+AdvProp models are also evaluated through their auxiliary BNs, and their two sets of BN
+statistics are stored. An ablation trains AdvProp at every attacker strength of ``eps_grid``
+for each model width in ``widths`` (the paper: bigger models prefer stronger attackers).
+
+Runs are named ``<method>_w<width>[_e<eps>]_s<seed>`` and keyed by what changes them only,
+so the main comparison and the ablation share runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from repro import attacks, claims, corruptions, evaluate, objectives
+from repro.experiments import common
+from repro.models import DualBatchNorm2d, bn_route
+from repro.params import Param, Spec
+from repro.train import TrainConfig
+
+SPEC = Spec("advprop", [
+    Param("epochs", "int", "training epochs for every model"),
+    Param("n_train", "int", "CIFAR-10 training images (None: all 48,000 after validation)",
+          optional=True),
+    Param("n_test", "int", "test images for clean and PGD accuracy"),
+    Param("n_corrupt", "int", "test images for each corruption and severity"),
+    Param("arch", "str", "architecture (a PreAct-ResNet-18 family member)",
+          choices=("preact_resnet18",)),
+    Param("widths", "list[int]", "first-stage widths for the model-size ablation, small to "
+          "large; the main comparison uses the largest (64 = PreAct-ResNet-18)"),
+    Param("eps", "int", "AdvProp / shared-BN attacker strength in 1/255 units "
+          "(PGD, eps+1 steps of 1/255)"),
+    Param("eps_grid", "list[int]", "attacker strengths (1/255) of the ablation"),
+    Param("targeted", "bool", "attack a random wrong label (PyTorch port) instead of "
+          "maximising the loss of the true one"),
+    Param("corruptions", "list[str]", "corruptions evaluated (see repro.corruptions.NAMES)"),
+    Param("severities", "list[int]", "corruption severities evaluated (1-5)"),
+    Param("eval_eps", "int", "L-inf radius (1/255) of the PGD evaluation"),
+    Param("eval_steps", "int", "PGD steps in evaluation"),
+    Param("batch_size", "int", "training batch size (clean images; AdvProp doubles it)"),
+    Param("lr", "float", "peak SGD learning rate (cosine schedule)"),
+    Param("seeds", "list[int]", "seeds of the main comparison (data order, init, attacks); "
+          "the ablation uses the first"),
+    Param("device", "str", "'auto', 'cpu' or 'cuda'"),
+], presets={
+    "smoke": dict(epochs=1, n_train=256, n_test=200, n_corrupt=100, arch="preact_resnet18",
+                  widths=[4, 8], eps=1, eps_grid=[1, 4], targeted=False,
+                  corruptions=["gaussian_noise", "gaussian_blur", "contrast", "jpeg_compression"],
+                  severities=[3], eval_eps=2, eval_steps=5, batch_size=32, lr=0.05, seeds=[0],
+                  device="auto"),
+    "laptop": dict(epochs=3, n_train=4000, n_test=1000, n_corrupt=500, arch="preact_resnet18",
+                   widths=[8, 16], eps=1, eps_grid=[1, 2, 4], targeted=False,
+                   corruptions=["gaussian_noise", "shot_noise", "gaussian_blur", "contrast",
+                                "brightness", "jpeg_compression", "pixelate"],
+                   severities=[1, 3, 5], eval_eps=2, eval_steps=10, batch_size=128, lr=0.1,
+                   seeds=[0, 1], device="auto"),
+    "gpu": dict(epochs=15, n_train=None, n_test=10000, n_corrupt=2000, arch="preact_resnet18",
+                widths=[16, 64], eps=1, eps_grid=[1, 2, 3, 4], targeted=False,
+                corruptions=list(corruptions.NAMES), severities=[1, 2, 3, 4, 5], eval_eps=2,
+                eval_steps=20, batch_size=128, lr=0.1, seeds=[0, 1], device="auto"),
+    "paper": dict(epochs=200, n_train=None, n_test=10000, n_corrupt=10000,
+                  arch="preact_resnet18", widths=[32, 64], eps=1, eps_grid=[1, 2, 3, 4],
+                  targeted=False, corruptions=list(corruptions.NAMES),
+                  severities=[1, 2, 3, 4, 5], eval_eps=2, eval_steps=20, batch_size=256,
+                  lr=0.1, seeds=[0, 1, 2], device="auto"),
+})
+
+METHODS = ("vanilla", "shared_bn", "advprop")
+LABELS = {"vanilla": "vanilla", "shared_bn": "AT, one shared BN", "advprop": "AdvProp (aux BN)"}
+# The paper's ImageNet numbers (top-1 %), shown beside ours.
+PAPER_NUMBERS = {"EfficientNet-B7 (Xie et al. 2020, Table 1)": (84.3, 85.2),
+                 "ResNet-50 (PyTorch port)": (76.7, 77.4)}
+
+
+def run_name(method: str, width: int, seed: int, eps: int | None = None) -> str:
+    return f"{method}_w{width}" + ("" if method == "vanilla" else f"_e{eps}") + f"_s{seed}"
+
+
+def _objective(method: str, eps: int, targeted: bool):
+    if method == "vanilla":
+        return objectives.standard()
+    return objectives.advprop(eps=eps / 255, alpha=1 / 255, steps=eps + 1, targeted=targeted,
+                              aux_bn=(method == "advprop"))
+
+
+def _accuracy(model, x, y, device, batch_size=500) -> np.ndarray:
+    out = []
+    with attacks.eval_mode(model), torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            xb = common.data.to_float(x[i:i + batch_size].to(device))
+            out.append((model(xb).argmax(1) == y[i:i + batch_size].to(device)).cpu())
+    return torch.cat(out).numpy()
+
+
+def _bn_stats(model) -> dict[str, np.ndarray]:
+    """Per dual-BN layer: channel-averaged running mean / variance of both halves, and how far
+    apart they are (mean |mu_main - mu_aux| / sqrt(var_main))."""
+    rows = {k: [] for k in ("main_mean", "aux_mean", "main_var", "aux_var", "shift")}
+    names, last = [], None
+    for name, m in model.named_modules():
+        if not isinstance(m, DualBatchNorm2d):
+            continue
+        mm, am = m.main.running_mean.float().cpu(), m.aux.running_mean.float().cpu()
+        mv, av = m.main.running_var.float().cpu(), m.aux.running_var.float().cpu()
+        names.append(name)
+        rows["main_mean"].append(float(mm.mean()))
+        rows["aux_mean"].append(float(am.mean()))
+        rows["main_var"].append(float(mv.mean()))
+        rows["aux_var"].append(float(av.mean()))
+        rows["shift"].append(float(((mm - am).abs() / mv.clamp(min=1e-5).sqrt()).mean()))
+        last = (mm, am, mv, av)
+    out = {f"bn_{k}": np.asarray(v, dtype=np.float32) for k, v in rows.items()}
+    out["bn_layers"] = np.asarray(names)
+    if last is not None:  # the final BN's per-channel statistics, for a scatter plot
+        for k, v in zip(("main_mean", "aux_mean", "main_var", "aux_var"), last):
+            out[f"bn_final_{k}"] = v.numpy()
+    return out
+
+
+def _evaluate(model, ds, cfg, corrupted, device, progress):
+    x, y = ds.x_test, ds.y_test
+    eps, steps = cfg["eval_eps"] / 255, cfg["eval_steps"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    pgd = {f"pgd{steps}": lambda m, xb, yb: attacks.pgd(m, xb, yb, eps=eps, alpha=2.5 * eps / steps,
+                                                       steps=steps, generator=gen)}
+    res = evaluate.robust_eval(model, x, y, pgd, device=device, progress=progress,
+                               threat=("linf", eps))
+    metrics = {"clean": res.accuracy()["clean"], "pgd": res.accuracy()[f"pgd{steps}"],
+               "n_test": res.n, "corruptions": {}}
+    arrays = {"correct_clean": res.clean, "correct_pgd": res.per_attack[f"pgd{steps}"]}
+    yc = y[:cfg["n_corrupt"]]
+    for (name, sev), xc in corrupted.items():
+        ok = _accuracy(model, xc, yc, device)
+        metrics["corruptions"][f"{name}/{sev}"] = float(ok.mean())
+    metrics["corruption_mean"] = float(np.mean(list(metrics["corruptions"].values())))
+    metrics["clean_on_corruption_subset"] = float(res.clean[:cfg["n_corrupt"]].mean())
+    if any(isinstance(m, DualBatchNorm2d) for m in model.modules()):
+        with bn_route(model, "aux"):  # the same images and attack through the auxiliary BNs
+            gen.manual_seed(0)
+            aux = evaluate.robust_eval(model, x, y, pgd, device=device, progress=False,
+                                       threat=("linf", eps))
+        metrics["aux_bn"] = {"clean": aux.accuracy()["clean"], "pgd": aux.accuracy()[f"pgd{steps}"]}
+        arrays.update(_bn_stats(model))
+    return metrics, arrays
+
+
+def _train_cfg(cfg, seed):
+    return TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer="sgd",
+                       lr=cfg["lr"], momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                       seed=seed, augment=True, val_size=200, val_eps=cfg["eval_eps"] / 255,
+                       val_alpha=1 / 255, val_steps=3, select_metric="val_clean")
+
+
+def plan(cfg: dict) -> list[tuple[str, str, int, int, int | None]]:
+    """The runs a config needs: (name, method, width, seed, eps), main comparison first."""
+    runs, big, s0 = [], cfg["widths"][-1], cfg["seeds"][0]
+    for seed in cfg["seeds"]:
+        for method in METHODS:
+            eps = None if method == "vanilla" else cfg["eps"]
+            runs.append((run_name(method, big, seed, eps), method, big, seed, eps))
+    for width in cfg["widths"]:
+        runs.append((run_name("vanilla", width, s0), "vanilla", width, s0, None))
+        for e in cfg["eps_grid"]:
+            runs.append((run_name("advprop", width, s0, e), "advprop", width, s0, e))
+    seen, out = set(), []
+    for r in runs:
+        if r[0] not in seen:
+            seen.add(r[0])
+            out.append(r)
+    return out
+
+
+def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
+    """Train every model of the plan (or reuse cached runs) and return what the chapter shows."""
+    cfg = SPEC.resolve(preset, **overrides)
+    bad = [c for c in cfg["corruptions"] if c not in corruptions.PARAMS]
+    bad += [s for s in cfg["severities"] if s not in corruptions.SEVERITIES]
+    if cfg["n_corrupt"] > cfg["n_test"]:
+        bad.append(f"n_corrupt={cfg['n_corrupt']} > n_test={cfg['n_test']}")
+    if bad or not cfg["widths"] or not cfg["seeds"] or not cfg["eps_grid"]:
+        raise ValueError(f"advprop: bad corruptions/severities {bad} or empty widths/seeds/"
+                         f"eps_grid in {cfg}")
+    device = common.pick_device(cfg["device"])
+    ds = common.load_dataset("cifar10", n_train=cfg["n_train"], n_test=cfg["n_test"], n_val=200)
+    corrupted = {(c, s): corruptions.corrupt_uint8(ds.x_test[:cfg["n_corrupt"]], c, s, seed=0)
+                 for c in cfg["corruptions"] for s in cfg["severities"]}
+    shared = {k: cfg[k] for k in ("epochs", "n_train", "n_test", "n_corrupt", "arch", "targeted",
+                                  "corruptions", "severities", "eval_eps", "eval_steps",
+                                  "batch_size", "lr")}
+    out = {"config": cfg, "runs": {}}
+    for name, method, width, seed, eps in plan(cfg):
+        norm = "dual_bn" if method == "advprop" else "bn"
+        key = {**shared, "method": method, "width": width, "seed": seed, "eps": eps}
+        r = common.train_and_evaluate(
+            "advprop", name, key,
+            model_fn=common.model_for(cfg["arch"], ds, width=width, norm=norm, init_seed=seed),
+            objective=_objective(method, eps, cfg["targeted"]), dataset=ds,
+            train_cfg=_train_cfg(cfg, seed), device=device, progress=progress, use_best=False,
+            evaluate=lambda m: _evaluate(m, ds, cfg, corrupted, device, progress))
+        out["runs"][name] = {"metrics": r.metrics(), "arrays": r.arrays(),
+                             "provenance": r.provenance(), "path": str(r.path),
+                             "method": method, "width": width, "seed": seed, "eps": eps}
+    out["summary"] = summarize(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _main_runs(result: dict, method: str) -> list[dict]:
+    cfg = result["config"]
+    big = cfg["widths"][-1]
+    eps = None if method == "vanilla" else cfg["eps"]
+    return [result["runs"][run_name(method, big, s, eps)]["metrics"] for s in cfg["seeds"]]
+
+
+def _spread(values) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "min": float(v.min()), "max": float(v.max()), "values": [float(a) for a in v],
+            "n": int(len(v))}
+
+
+def summarize(result: dict) -> dict:
+    cfg = result["config"]
+    s = {"methods": {}}
+    for method in METHODS:
+        ms = _main_runs(result, method)
+        s["methods"][method] = {k: _spread([m[k] for m in ms])
+                                for k in ("clean", "corruption_mean", "pgd")}
+    van, sh, adv = (_main_runs(result, m) for m in METHODS)
+    s["advprop_minus_vanilla_clean"] = _spread([a["clean"] - v["clean"] for a, v in zip(adv, van)])
+    s["advprop_minus_shared_clean"] = _spread([a["clean"] - b["clean"] for a, b in zip(adv, sh)])
+    s["advprop_minus_vanilla_corruption"] = _spread(
+        [a["corruption_mean"] - v["corruption_mean"] for a, v in zip(adv, van)])
+    per_c = {}
+    for k in van[0]["corruptions"]:
+        per_c[k] = float(np.mean([a["corruptions"][k] - v["corruptions"][k]
+                                  for a, v in zip(adv, van)]))
+    s["advprop_minus_vanilla_per_corruption"] = per_c
+    s["aux_bn"] = {k: _spread([a["aux_bn"][k] for a in adv]) for k in ("clean", "pgd")}
+    # ablation: clean gain over vanilla per (width, eps), first seed
+    s0 = cfg["seeds"][0]
+    abl = {}
+    for w in cfg["widths"]:
+        v = result["runs"][run_name("vanilla", w, s0)]["metrics"]["clean"]
+        gains = {e: result["runs"][run_name("advprop", w, s0, e)]["metrics"]["clean"] - v
+                 for e in cfg["eps_grid"]}
+        abl[str(w)] = {"vanilla_clean": v, "gain": {str(e): g for e, g in gains.items()},
+                       "best_eps": max(gains, key=lambda e: (gains[e], -e))}
+    s["ablation"] = abl
+    return s
+
+
+def table(result: dict):
+    """Main comparison (largest width): accuracy % as mean over seeds (± std where > 1 seed)."""
+    import pandas as pd
+    rows = {}
+    for method in METHODS:
+        m = result["summary"]["methods"][method]
+        row = {}
+        for k, label in (("clean", "clean"), ("corruption_mean", "corruptions (mean)"),
+                         ("pgd", f"PGD-{result['config']['eval_steps']} "
+                                 f"ε={result['config']['eval_eps']}/255")):
+            row[label] = 100 * m[k]["mean"]
+            if m[k]["std"] is not None:
+                row[label + " ±"] = 100 * m[k]["std"]
+        rows[LABELS[method]] = row
+    return pd.DataFrame(rows).T.round(2)
+
+
+def corruption_table(result: dict):
+    """Accuracy % per corruption/severity, one column per method (mean over seeds)."""
+    import pandas as pd
+    cols = {}
+    for method in METHODS:
+        ms = _main_runs(result, method)
+        keys = list(ms[0]["corruptions"])
+        col = {k: 100 * float(np.mean([m["corruptions"][k] for m in ms])) for k in keys}
+        col = {"clean (same images)": 100 * float(np.mean([m["clean_on_corruption_subset"]
+                                                          for m in ms])), **col}
+        cols[LABELS[method]] = col
+    return pd.DataFrame(cols).round(2)
+
+
+def ablation_table(result: dict):
+    """Clean-accuracy gain of AdvProp over vanilla (points) per width (rows) and eps (cols)."""
+    import pandas as pd
+    abl = result["summary"]["ablation"]
+    return pd.DataFrame({f"ε={e}/255": {f"width {w}": 100 * a["gain"][e] for w, a in abl.items()}
+                         for e in next(iter(abl.values()))["gain"]}).round(2)
+
+
+def paper_table(result: dict):
+    """The paper's ImageNet numbers beside ours (top-1 / clean accuracy %)."""
+    import pandas as pd
+    cfg, s = result["config"], result["summary"]
+    rows = {f"{k} — ImageNet": {"vanilla": a, "AdvProp": b, "Δ": round(b - a, 2)}
+            for k, (a, b) in PAPER_NUMBERS.items()}
+    van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
+    d = s["advprop_minus_vanilla_clean"]
+    rows[f"ours: {cfg['arch']} width {cfg['widths'][-1]} — CIFAR-10 ({cfg['preset']}, "
+         f"{len(cfg['seeds'])} seed(s))"] = {"vanilla": round(100 * van, 2),
+                                              "AdvProp": round(100 * adv, 2),
+                                              "Δ": round(100 * d["mean"], 2)}
+    return pd.DataFrame(rows).T
+
+
+# ----------------------------------------------------------------------------- claims
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f} pts"
+
+
+def _sign_verdict(d: dict) -> str:
+    if d["n"] > 1 and d["min"] > 0:
+        return claims.REPRODUCED
+    return claims.PARTLY if d["mean"] > 0 else claims.NOT_REPRODUCED
+
+
+def _clean_gain(result: dict) -> claims.Outcome:
+    s, cfg = result["summary"], result["config"]
+    d = s["advprop_minus_vanilla_clean"]
+    spread = f" ± {100 * d['std']:.2f} (std over {d['n']} seeds)" if d["std"] is not None else \
+        " (1 seed)"
+    van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
+    return claims.Outcome(
+        f"CIFAR-10, width {cfg['widths'][-1]}: {100 * van:.1f} → {100 * adv:.1f} "
+        f"({_pts(d['mean'])}{spread})", _sign_verdict(d), value=100 * d["mean"],
+        note="reproduced: AdvProp ahead for every seed; partly: ahead on average only. "
+             "CIFAR-10 scale, not ImageNet.")
+
+
+def _aux_bn(result: dict) -> claims.Outcome:
+    s = result["summary"]
+    d = s["advprop_minus_shared_clean"]
+    sh = s["methods"]["shared_bn"]["clean"]["mean"]
+    van = s["methods"]["vanilla"]["clean"]["mean"]
+    adv = s["methods"]["advprop"]["clean"]["mean"]
+    verdict = _sign_verdict(d)
+    if verdict == claims.REPRODUCED and sh >= van:  # the "hurts clean accuracy" half fails
+        verdict = claims.PARTLY
+    return claims.Outcome(f"clean: vanilla {100 * van:.1f}, shared BN {100 * sh:.1f}, "
+                          f"AdvProp {100 * adv:.1f} (AdvProp − shared {_pts(d['mean'])})",
+                          verdict, value=100 * d["mean"])
+
+
+def _bigger_stronger(result: dict) -> claims.Outcome:
+    abl = result["summary"]["ablation"]
+    ws = sorted(abl, key=int)
+    small, big = abl[ws[0]], abl[ws[-1]]
+    bs, bb = int(small["best_eps"]), int(big["best_eps"])
+    verdict = (claims.REPRODUCED if bb > bs else
+               claims.PARTLY if bb == bs and len(ws) > 1 else claims.NOT_REPRODUCED)
+    return claims.Outcome(f"best ε: {bs}/255 at width {ws[0]}, {bb}/255 at width {ws[-1]}",
+                          verdict, value=float(bb - bs),
+                          note="one seed per (width, ε); best = largest clean gain over vanilla")
+
+
+def _corruptions(result: dict) -> claims.Outcome:
+    s = result["summary"]
+    d = s["advprop_minus_vanilla_corruption"]
+    per = s["advprop_minus_vanilla_per_corruption"]
+    wins = sum(v > 0 for v in per.values())
+    verdict = _sign_verdict(d)
+    if verdict == claims.REPRODUCED and wins <= len(per) / 2:
+        verdict = claims.PARTLY
+    return claims.Outcome(f"mean corruption accuracy {_pts(d['mean'])} vs vanilla; better on "
+                          f"{wins}/{len(per)} corruption×severity sets", verdict,
+                          value=100 * d["mean"])
+
+
+CLAIMS = [dataclasses.replace(claims.get(cid), evaluate=fn) for cid, fn in (
+    ("advprop.clean-gain-b7", _clean_gain), ("advprop.clean-gain-r50", _clean_gain),
+    ("advprop.aux-bn", _aux_bn), ("advprop.bigger-stronger", _bigger_stronger),
+    ("advprop.corruptions", _corruptions))]
