@@ -329,11 +329,19 @@ def _neighbors(f_te, y_te, f_tr, y_tr, k, chunk=1000) -> np.ndarray:
 
 
 def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> results.Run:
-    """Estimate + SE + splits + proxy correlation (cached; reads the subset models)."""
-    subs = subset_models(cfg, ds, device, progress)
-    prox = proxy_run(cfg, ds, device, progress) if with_proxy else None
+    """Estimate + SE + splits + proxy correlation (cached; reads the subset models).
+
+    A finished (local or published) estimate is returned without touching the subset
+    models, which are never published: a GPU run renders on a CPU machine."""
     conf = {**_mem_config(cfg, ds.name), "t": cfg["t"], "split_source": cfg["split_source"],
             "n_neighbors": cfg["n_neighbors"], "proxy": with_proxy}
+    name = f"memorization-{ds.name}"
+    found = results.find_run(CHAPTER, name, conf)
+    if found.done:
+        print(f"[cache] {CHAPTER}/{name}: reusing {found.path}")
+        return found
+    subs = subset_models(cfg, ds, device, progress)
+    prox = proxy_run(cfg, ds, device, progress) if with_proxy else None
 
     def compute(run: results.Run):
         a = subs.arrays()
@@ -368,7 +376,7 @@ def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> result
         metrics["n_atypical_train"] = int(atyp.sum())
         return metrics, arrays
 
-    return results.cached(CHAPTER, f"memorization-{ds.name}", conf, compute, device=device)
+    return results.cached(CHAPTER, name, conf, compute, device=device)
 
 
 # ----------------------------------------------------------------------------- AT runs
