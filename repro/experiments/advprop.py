@@ -176,8 +176,11 @@ def plan(cfg: dict) -> list[tuple[str, str, int, int, int | None]]:
     return out
 
 
-def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
-    """Train every model of the plan (or reuse cached runs) and return what the chapter shows."""
+def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) -> dict:
+    """Train every model of the plan (or reuse cached runs) and return what the chapter shows.
+
+    ``only``: run names (see ``plan``) to compute, e.g. to split a preset over processes or
+    machines; the result then has no summary."""
     cfg = SPEC.resolve(preset, **overrides)
     bad = [c for c in cfg["corruptions"] if c not in corruptions.PARAMS]
     bad += [s for s in cfg["severities"] if s not in corruptions.SEVERITIES]
@@ -194,7 +197,13 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
                                   "corruptions", "severities", "eval_eps", "eval_steps",
                                   "batch_size", "lr")}
     out = {"config": cfg, "runs": {}}
-    for name, method, width, seed, eps in plan(cfg):
+    todo = plan(cfg)
+    if only is not None:
+        unknown = set(only) - {r[0] for r in todo}
+        if unknown:
+            raise ValueError(f"advprop: runs {sorted(unknown)} are not in this config's plan")
+        todo = [r for r in todo if r[0] in set(only)]
+    for name, method, width, seed, eps in todo:
         norm = "dual_bn" if method == "advprop" else "bn"
         key = {**shared, "method": method, "width": width, "seed": seed, "eps": eps}
         r = common.train_and_evaluate(
@@ -206,7 +215,8 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
         out["runs"][name] = {"metrics": r.metrics(), "arrays": r.arrays(),
                              "provenance": r.provenance(), "path": str(r.path),
                              "method": method, "width": width, "seed": seed, "eps": eps}
-    out["summary"] = summarize(out)
+    if only is None:
+        out["summary"] = summarize(out)
     return out
 
 
@@ -317,6 +327,10 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.2f} pts"
 
 
+def _summary(result: dict) -> dict:
+    return result.get("summary") or summarize(result)
+
+
 def _sign_verdict(d: dict) -> str:
     if d["n"] > 1 and d["min"] > 0:
         return claims.REPRODUCED
@@ -324,7 +338,7 @@ def _sign_verdict(d: dict) -> str:
 
 
 def _clean_gain(result: dict) -> claims.Outcome:
-    s, cfg = result["summary"], result["config"]
+    s, cfg = _summary(result), result["config"]
     d = s["advprop_minus_vanilla_clean"]
     spread = f" ± {100 * d['std']:.2f} (std over {d['n']} seeds)" if d["std"] is not None else \
         " (1 seed)"
@@ -337,7 +351,7 @@ def _clean_gain(result: dict) -> claims.Outcome:
 
 
 def _aux_bn(result: dict) -> claims.Outcome:
-    s = result["summary"]
+    s = _summary(result)
     d = s["advprop_minus_shared_clean"]
     sh = s["methods"]["shared_bn"]["clean"]["mean"]
     van = s["methods"]["vanilla"]["clean"]["mean"]
@@ -351,7 +365,7 @@ def _aux_bn(result: dict) -> claims.Outcome:
 
 
 def _bigger_stronger(result: dict) -> claims.Outcome:
-    abl = result["summary"]["ablation"]
+    abl = _summary(result)["ablation"]
     ws = sorted(abl, key=int)
     small, big = abl[ws[0]], abl[ws[-1]]
     bs, bb = int(small["best_eps"]), int(big["best_eps"])
@@ -363,7 +377,7 @@ def _bigger_stronger(result: dict) -> claims.Outcome:
 
 
 def _corruptions(result: dict) -> claims.Outcome:
-    s = result["summary"]
+    s = _summary(result)
     d = s["advprop_minus_vanilla_corruption"]
     per = s["advprop_minus_vanilla_per_corruption"]
     wins = sum(v > 0 for v in per.values())
