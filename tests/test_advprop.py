@@ -127,3 +127,50 @@ def test_shared_bn_baseline(batch):
     assert torch.isfinite(loss) and logs["adv_acc"] is not None
     with pytest.raises(ValueError, match="DualBatchNorm2d"):
         objectives.advprop()(model("bn"), batch, state())
+
+
+def _fake_result(clean, cfg_over=None):
+    """A result dict in run()'s shape with given clean accuracies per run name."""
+    from repro.experiments import advprop as chapter
+    cfg = chapter.SPEC.resolve("smoke", seeds=[0, 1], **(cfg_over or {}))
+    runs = {}
+    for name, method, width, seed, eps in chapter.plan(cfg):
+        c = clean(method, width, seed, eps)
+        m = {"clean": c, "pgd": 0.0, "corruption_mean": c - 0.1, "clean_on_corruption_subset": c,
+             "corruptions": {"contrast/3": c - 0.1}}
+        if method == "advprop":
+            m["aux_bn"] = {"clean": c - 0.05, "pgd": 0.01}
+        runs[name] = {"metrics": m}
+    result = {"config": cfg, "runs": runs}
+    result["summary"] = chapter.summarize(result)
+    return result
+
+
+def test_plan_shares_runs_between_comparison_and_ablation():
+    from repro.experiments import advprop as chapter
+    cfg = chapter.SPEC.resolve("laptop")
+    names = [r[0] for r in chapter.plan(cfg)]
+    assert len(names) == len(set(names))
+    big, small = cfg["widths"][-1], cfg["widths"][0]
+    assert names[:3] == [f"vanilla_w{big}_s0", f"shared_bn_w{big}_e1_s0", f"advprop_w{big}_e1_s0"]
+    expected = 3 * len(cfg["seeds"]) + (1 + len(cfg["eps_grid"])) + (len(cfg["eps_grid"]) - 1)
+    assert len(names) == expected and f"advprop_w{small}_e4_s0" in names
+
+
+def test_claim_verdicts_follow_the_numbers():
+    from repro import claims
+    from repro.experiments import advprop as chapter
+    judge = {c.id: c for c in chapter.CLAIMS}
+    # AdvProp ahead for both seeds, bigger model best at the strongest eps
+    good = _fake_result(lambda m, w, s, e: {"vanilla": 0.80, "shared_bn": 0.78}.get(m)
+                        or 0.81 + (0.001 * e if w == 8 else -0.001 * e))
+    assert good["summary"]["advprop_minus_vanilla_clean"]["mean"] == pytest.approx(0.01 + 0.001)
+    for cid in ("advprop.clean-gain-b7", "advprop.aux-bn", "advprop.bigger-stronger",
+                "advprop.corruptions"):
+        assert judge[cid].judge(good).verdict == claims.REPRODUCED, cid
+    # mixed signs over seeds -> partly at best; AdvProp behind -> not reproduced
+    mixed = _fake_result(lambda m, w, s, e: 0.80 if m != "advprop" else (0.82 if s == 0 else 0.79))
+    assert judge["advprop.clean-gain-b7"].judge(mixed).verdict == claims.PARTLY
+    bad = _fake_result(lambda m, w, s, e: 0.80 if m != "advprop" else 0.79)
+    assert judge["advprop.clean-gain-r50"].judge(bad).verdict == claims.NOT_REPRODUCED
+    assert {c.id for c in claims.claims_for("advprop")} == set(judge)
