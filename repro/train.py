@@ -487,7 +487,7 @@ def _format_record(r: dict) -> str:
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text: tqdm.auto warns in notebooks without ipywidgets
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
