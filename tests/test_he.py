@@ -111,3 +111,62 @@ def test_he_objectives_train_on_a_real_batch(mnist, name):
     assert model.training  # the attack restored the train mode
     final = objective(model, batch, _state(99))[0].item()
     assert final < first
+
+
+# ----------------------------------------------------------------------------- the chapter
+
+def test_chapter_builds_each_run_with_the_right_head_and_objective(cifar10):
+    from repro.experiments import he
+    cfg = he.SPEC.resolve("laptop")
+    assert he.run_names(cfg["variants"]) == ["pgd_at", "pgd_at_he", "trades", "trades_he",
+                                             "alp", "alp_he"]
+    for name, cls, s, m in [("pgd_at_he", objectives.PGDATHE, 10, 0.2),
+                            ("trades_he", objectives.TRADESHE, 15, 0.2),
+                            ("alp_he", objectives.ALPHE, 20, 0.3)]:
+        obj = he.make_objective(name, cfg)
+        assert isinstance(obj, cls) and (obj.s, obj.m) == (s, m)
+        assert obj.eps == pytest.approx(8 / 255) and obj.steps == cfg["train_steps"]
+        assert he.make_objective(name, {**cfg, "s": 5.0, "m": 0.1}).s == 5.0
+    assert isinstance(he.make_objective("trades", cfg), objectives.TRADES)
+    assert he.make_objective("alp", cfg).beta == 0.5
+    small = {**cfg, "width": 4}
+    heads = {he_: type(he._model_fn(small, cifar10, he_)().head).__name__ for he_ in (False, True)}
+    assert heads == {False: "Linear", True: "HypersphereHead"}
+
+
+def _fake_result(correct: dict, aa: bool = True):
+    import numpy as np
+    runs = {}
+    for name, (pgd, cw, auto) in correct.items():
+        pgd, cw, auto = (np.array(v, bool) for v in (pgd, cw, auto))
+        metrics = {"keys": {"pgd": "pgd20", "cw": "cw20"},
+                   "accuracy": {"clean": 1.0, "pgd20": pgd.mean(), "cw20": cw.mean(),
+                                "worst": (pgd & cw).mean()}}
+        arrays = {"correct_pgd20": pgd, "correct_cw20": cw}
+        if aa:
+            metrics["autoattack"] = {"accuracy": auto.mean(), "version": "fast", "n": len(auto)}
+            arrays["correct_autoattack"] = auto
+        runs[name] = {"metrics": metrics, "arrays": arrays}
+    return {"config": {"preset": "laptop", "architecture": "preact_resnet18", "n_train": 2000,
+                       "epochs": 4}, "runs": runs}
+
+
+def test_claims_call_a_pgd_only_gain_an_artefact():
+    from repro import claims
+    from repro.experiments import he
+    n = 100
+    base = ([1] * 30 + [0] * 70, [1] * 30 + [0] * 70, [1] * 30 + [0] * 70)
+    # HE: PGD-CE accuracy jumps to 60%, but C&W and AutoAttack see no gain at all
+    fake_he = ([1] * 60 + [0] * 40, [1] * 30 + [0] * 70, [1] * 30 + [0] * 70)
+    result = _fake_result({"pgd_at": base, "pgd_at_he": fake_he})
+    by_id = {c.id: c for c in he.CLAIMS}
+    assert {c.id for c in he.CLAIMS} == {c.id for c in claims.PAPER_CLAIMS["he"]}
+    assert by_id["he.pgd-gain"].judge(result).verdict == claims.REPRODUCED
+    assert by_id["he.pgd-gain"].judge(result).value == pytest.approx(30.0)
+    assert by_id["he.aa-gain"].judge(result).verdict == claims.NOT_REPRODUCED
+    assert by_id["he.rb-clean"].judge(result).verdict == claims.NOT_YET_RUN  # reduced scale
+    assert by_id["he.orthogonal"].judge(result).verdict == claims.NOT_YET_RUN
+    g, se, k = he.paired_gain(result, "pgd_at", "worst")
+    assert (g, k) == (0.0, n)
+    assert by_id["he.aa-gain"].judge(_fake_result({"pgd_at": base, "pgd_at_he": fake_he},
+                                                   aa=False)).verdict == claims.NOT_YET_RUN
