@@ -12,6 +12,7 @@ from repro.data import PROJECT_ROOT
 CHAPTERS = {
     "intro": "repro.experiments.intro",
     "he": "repro.experiments.he",
+    "lmt": "repro.experiments.lmt",
     "advprop": "repro.experiments.advprop",
     "bat": "repro.experiments.bat",
 }

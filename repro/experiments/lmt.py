@@ -363,13 +363,13 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
 
 # ----------------------------------------------------------------------------- tables
 
-def _runs(result: dict, dataset: str) -> dict[str, dict]:
+def dataset_runs(result: dict, dataset: str) -> dict[str, dict]:
     return {k.split("-", 1)[1]: v for k, v in result["runs"].items()
             if k.startswith(dataset + "-")}
 
 
 def datasets(result: dict) -> list[str]:
-    return [d for d in DATASETS if _runs(result, d)]
+    return [d for d in DATASETS if dataset_runs(result, d)]
 
 
 def summary_table(result: dict, dataset: str):
@@ -377,7 +377,7 @@ def summary_table(result: dict, dataset: str):
     distances, soundness violations."""
     import pandas as pd
     rows = {}
-    for method, r in _runs(result, dataset).items():
+    for method, r in dataset_runs(result, dataset).items():
         m = r["metrics"]
         rows[LABELS[method]] = {
             "clean acc (%)": 100 * m["clean_accuracy"],
@@ -396,7 +396,7 @@ def accuracy_table(result: dict, dataset: str):
     accuracy (%) at each radius of the preset."""
     import pandas as pd
     rows = {}
-    for method, r in _runs(result, dataset).items():
+    for method, r in dataset_runs(result, dataset).items():
         c, a = r["metrics"]["certified"], r["metrics"]["attacks"]
         for e, g, p, pgd, w in zip(c["radii"], c["global"], c["pairwise"], a["pgd"],
                                    a["worst"]):
@@ -411,7 +411,7 @@ def tightness_table(result: dict, dataset: str):
     """Median ratio attack distance / certified radius (1 = the certificate is exact)."""
     import pandas as pd
     rows = {}
-    for method, r in _runs(result, dataset).items():
+    for method, r in dataset_runs(result, dataset).items():
         t = r["metrics"]["tightness"]
         rows[LABELS[method]] = {"C&W / radius": t["median_cw_global"],
                                 "DeepFool / radius": t["median_deepfool_global"],
@@ -425,7 +425,7 @@ def layer_table(result: dict, dataset: str, methods=("standard", "lmt")):
     """Per-layer rigorous upper bounds (and the power-iteration lower value) per method,
     plus the reshaped-kernel bound for conv layers."""
     import pandas as pd
-    runs = _runs(result, dataset)
+    runs = dataset_runs(result, dataset)
     cols = {}
     for method in methods:
         if method not in runs:
