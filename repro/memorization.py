@@ -184,8 +184,13 @@ def learning_speed(correct_per_epoch: np.ndarray) -> np.ndarray:
 
 
 def memorization_proxy(correct_per_epoch: np.ndarray) -> np.ndarray:
-    """1 - learning speed: high for examples fitted late (the memorised ones)."""
-    return 1.0 - learning_speed(correct_per_epoch)
+    """Fitted at the end but learnt late: (mean correctness over the last quarter of the
+    epochs, at least one) x (1 - learning speed). On a model that fits its training set this
+    is 1 - learning speed; on an under-fitting one it does not rank the never-fitted
+    examples (mem ~ 0: wrong whether seen or not) as memorised."""
+    h = np.asarray(correct_per_epoch, dtype=np.float64)
+    late = h[-max(1, len(h) // 4):].mean(0)
+    return late * (1.0 - learning_speed(h))
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> dict:

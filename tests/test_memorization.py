@@ -82,7 +82,12 @@ def test_influence_matches_loop_and_max_influence():
 def test_proxy_and_correlation():
     hist = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 1]], bool)  # epochs x examples
     np.testing.assert_allclose(M.learning_speed(hist), [1 / 3, 1, 2 / 3])
+    # late (last quarter, at least one epoch) x (1 - learning speed)
     np.testing.assert_allclose(M.memorization_proxy(hist), [2 / 3, 0, 1 / 3])
+    never = np.zeros((4, 2), bool); never[:, 1] = True
+    np.testing.assert_allclose(M.memorization_proxy(never), [0, 0])  # never fitted: not memorised
+    late = np.array([[0], [0], [0], [1]], bool)
+    np.testing.assert_allclose(M.memorization_proxy(late), [0.75])
     c = M.correlation([1, 2, 3, np.nan], [2, 4, 7, 1])
     assert c["n"] == 3 and c["spearman"] == pytest.approx(1.0) and 0.9 < c["pearson"] < 1
     assert M.top_fraction(np.array([0.1, 0.9, 0.5, np.nan]), 0.5).tolist() == [False, True, True, False]

@@ -52,6 +52,8 @@ SPEC = Spec(CHAPTER, [
           choices=("small_cnn", "preact_resnet18")),
     Param("mem_width", "int", "channel width of the subset models"),
     Param("mem_epochs", "int", "epochs of each subset model (and of the proxy run)"),
+    Param("mem_augment", "bool", "random crop + flip for the subset models and the proxy run "
+          "(off at small scale, where it keeps small models from fitting)"),
     Param("mem_method", "str", "how subset models train: standard (Feldman & Zhang, as the "
           "paper's scores) or pgd_at (also records adversarial correctness)",
           choices=("standard", "pgd_at")),
@@ -86,15 +88,16 @@ SPEC = Spec(CHAPTER, [
 ], presets={
     "smoke": dict(dataset="cifar100", contrast="cifar10", n_train=600, n_val=100, n_test=300,
                   mem_k=4, mem_fraction=0.7, mem_arch="small_cnn", mem_width=4, mem_epochs=2,
-                  mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
+                  mem_augment=False, mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
                   milestones=[0.5, 0.75], batch_size=100, eps255=8.0, train_steps=2,
                   eval_steps=3, restarts=1, t=0.15, split_source="estimate", n_neighbors=5,
                   alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
                   atypical_fractions=[0.0, 1.0], curve_test=100, autoattack="none", seed=0,
                   device="auto"),
-    "laptop": dict(dataset="cifar100", contrast="cifar10", n_train=4000, n_val=200,
+    "laptop": dict(dataset="cifar100", contrast="cifar10", n_train=3000, n_val=200,
                    n_test=1000, mem_k=16, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
-                   mem_epochs=8, mem_method="standard", arch="small_cnn", width=16, epochs=8,
+                   mem_epochs=15, mem_augment=False,
+                   mem_method="standard", arch="small_cnn", width=16, epochs=8,
                    lr=0.05, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
                    train_steps=3, eval_steps=10, restarts=1, t=0.15, split_source="proxy",
                    n_neighbors=10, alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
@@ -102,7 +105,8 @@ SPEC = Spec(CHAPTER, [
                    seed=0, device="auto"),
     "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=10000,
                 mem_k=100, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
-                mem_epochs=10, mem_method="standard", arch="preact_resnet18", width=32,
+                mem_epochs=10, mem_augment=True,
+                mem_method="standard", arch="preact_resnet18", width=32,
                 epochs=20, lr=0.1, milestones=[0.5, 0.75], batch_size=256, eps255=8.0,
                 train_steps=5, eval_steps=20, restarts=1, t=0.15, split_source="estimate",
                 n_neighbors=20, alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
@@ -110,7 +114,8 @@ SPEC = Spec(CHAPTER, [
                 seed=0, device="auto"),
     "paper": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000,
                   n_test=10000, mem_k=2000, mem_fraction=0.7, mem_arch="preact_resnet18",
-                  mem_width=64, mem_epochs=30, mem_method="standard", arch="preact_resnet18",
+                  mem_width=64, mem_epochs=30, mem_augment=True,
+                  mem_method="standard", arch="preact_resnet18",
                   width=64, epochs=160, lr=0.1, milestones=[0.5, 0.75], batch_size=128,
                   eps255=8.0, train_steps=10, eval_steps=20, restarts=1, t=0.15,
                   split_source="estimate", n_neighbors=50, alphas=[1.0, 2.0], beta=0.2,
@@ -126,7 +131,9 @@ def _eps(cfg) -> float:
 
 
 def _model_fn(arch: str, width: int, ds: data.Dataset, seed: int):
-    kw = {"in_size": ds.image_shape[-1]} if arch == "small_cnn" else {}
+    # small_cnn with BatchNorm: without it the small CPU models barely fit CIFAR-100 in a
+    # few epochs, and a model that does not fit its training set memorises nothing
+    kw = {"in_size": ds.image_shape[-1], "norm": "bn"} if arch == "small_cnn" else {}
     return common.model_for(arch, ds, width=width, init_seed=seed, **kw)
 
 
@@ -233,7 +240,7 @@ def _record(run: results.Run) -> dict:
 
 def _mem_config(cfg, name: str) -> dict:
     keys = ("n_train", "n_val", "n_test", "mem_k", "mem_fraction", "mem_arch", "mem_width",
-            "mem_epochs", "mem_method", "lr", "milestones", "batch_size", "eps255",
+            "mem_epochs", "mem_augment", "mem_method", "lr", "milestones", "batch_size", "eps255",
             "train_steps", "seed")
     return {"dataset": name, **{k: cfg[k] for k in keys}}
 
@@ -253,8 +260,9 @@ def subset_models(cfg, ds, device, progress=False) -> results.Run:
     def compute(run: results.Run):
         est = memorization.SubsetEstimation(run.path / "models", len(ds.y_train), cfg["mem_k"],
                                             cfg["mem_fraction"], cfg["seed"])
-        tcfg = _train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False, n_val=0,
-                          seed=cfg["seed"])
+        tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
+                                              n_val=0, seed=cfg["seed"]),
+                                   augment=cfg["mem_augment"])
         adv = cfg["mem_method"] == "pgd_at"
 
         def train_one(k, mask):
@@ -283,8 +291,9 @@ def proxy_run(cfg, ds, device, progress=False) -> results.Run:
     """One standard run on the whole training set: per-epoch training correctness (the
     learning-speed proxy) and each test example's nearest same-class training neighbours."""
     conf = {**_mem_config(cfg, ds.name), "mem_k": None, "n_neighbors": cfg["n_neighbors"]}
-    tcfg = _train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False, n_val=cfg["n_val"],
-                      seed=cfg["seed"])
+    tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
+                                          n_val=cfg["n_val"], seed=cfg["seed"]),
+                               augment=cfg["mem_augment"])
 
     def hook(model):
         return {"train_clean": _correct(model, ds.x_train, ds.y_train, device)}
