@@ -16,11 +16,18 @@ ROOT = experiments.PROJECT_ROOT
     (["--preset", "laptop", "-p", "epochz", "2"], "unknown parameter 'epochz'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
 ])
-def test_cli_publish_refuses_before_any_work(args, fragment):
-    proc = subprocess.run([sys.executable, "-m", "repro", "publish", "intro", *args],
+def test_cli_publish_refuses_before_any_work(args, fragment, capsys, monkeypatch):
+    from repro import cli
+    monkeypatch.setattr(experiments.get("intro"), "run",
+                        lambda *a, **k: pytest.fail("publish started work"))
+    assert cli.main(["publish", "intro", *args]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_publish_is_wired():
+    proc = subprocess.run([sys.executable, "-m", "repro", "publish", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr
+    assert proc.returncode == 0 and "--preset" in proc.stdout and "--allow-smoke" in proc.stdout
 
 
 def test_copy_run_takes_small_files_only(tmp_path):
