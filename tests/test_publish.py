@@ -87,6 +87,8 @@ def test_publish_intro_at_smoke(tmp_path, data_root):
         rec["summary"]["pgd_at"]["clean"]
     # The scorecard judges the intro claims from the published files alone.
     rows = [r for r in scorecard.rows(root) if r["paper"] == "intro"]
+    assert rows and {r["verdict"] for r in rows} == {claims.NOT_YET_RUN}, "smoke is not judged"
+    rows = [r for r in scorecard.rows(root, judge_smoke=True) if r["paper"] == "intro"]
     assert rows and all(r["verdict"] in claims.VERDICTS for r in rows)
     judged = [r for r in rows if r["verdict"] != claims.NOT_YET_RUN]
     assert judged and all(r["run"]["preset"] == "smoke" for r in judged)
