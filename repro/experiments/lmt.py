@@ -85,6 +85,8 @@ SPEC = Spec("lmt", [
                   cw_steps=100, cw_search=9, seed=0, device="auto"),
 })
 
+CW_LR, CW_CONST = 0.1, 0.1  # C&W-L2 Adam step size and first constant of the binary search
+
 # Published reference numbers (MNIST, 4-layer CNN, LMT c=1): a third-party reimplementation.
 REFERENCE = {"mnist_clean": 0.865, "mnist_verified_1.58": 0.406, "radius": 1.58}
 
@@ -214,8 +216,10 @@ def evaluate_model(model, ds: data.Dataset, setup: dict, cfg: dict, device) -> t
 
     # Minimum-distance attacks, per example (inf where nothing was found).
     def cw(xb, yb):
-        return attacks.cw_l2(model, xb, yb, steps=cfg["cw_steps"],
-                             binary_search_steps=cfg["cw_search"])
+        # lr 0.1 and a first constant of 0.1: with a few hundred steps, the textbook lr 0.01
+        # from c = 1e-3 finds an adversarial for under 10% of MNIST digits.
+        return attacks.cw_l2(model, xb, yb, steps=cfg["cw_steps"], lr=CW_LR,
+                             initial_const=CW_CONST, binary_search_steps=cfg["cw_search"])
 
     x_cw, d_cw = _batched(cw, x, y, bs)
     lap("cw")
@@ -301,7 +305,8 @@ def evaluate_model(model, ds: data.Dataset, setup: dict, cfg: dict, device) -> t
                     "settings": {"pgd": f"L2 PGD, {steps} steps, step 2.5·eps/steps, "
                                  f"{restarts} restart(s), CE loss",
                                  "cw": f"C&W-L2, {cfg['cw_search']} binary-search rounds x "
-                                 f"{cfg['cw_steps']} Adam steps (lr 0.01)",
+                                 f"{cfg['cw_steps']} Adam steps (lr {CW_LR}, first constant "
+                                 f"{CW_CONST})",
                                  "deepfool": "DeepFool-L2, 50 steps, overshoot 0.02"}},
         "tightness": tight, "eval_seconds": clock,
         "soundness": {"n_checked": n, "n_certified": int(cert.sum()),
