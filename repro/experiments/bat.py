@@ -52,6 +52,8 @@ SPEC = Spec(CHAPTER, [
           choices=("small_cnn", "preact_resnet18")),
     Param("mem_width", "int", "channel width of the subset models"),
     Param("mem_epochs", "int", "epochs of each subset model (and of the proxy run)"),
+    Param("mem_batch_size", "int", "batch size of the subset models and the proxy run (large "
+          "on a GPU: the K models are small and launch-bound)"),
     Param("mem_augment", "bool", "random crop + flip for the subset models and the proxy run "
           "(off at small scale, where it keeps small models from fitting)"),
     Param("mem_method", "str", "how subset models train: standard (Feldman & Zhang, as the "
@@ -88,7 +90,7 @@ SPEC = Spec(CHAPTER, [
 ], presets={
     "smoke": dict(dataset="cifar100", contrast="cifar10", n_train=600, n_val=100, n_test=300,
                   mem_k=4, mem_fraction=0.7, mem_arch="small_cnn", mem_width=4, mem_epochs=2,
-                  mem_augment=False, mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
+                  mem_batch_size=100, mem_augment=False, mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
                   milestones=[0.5, 0.75], batch_size=100, eps255=8.0, train_steps=2,
                   eval_steps=3, restarts=1, t=0.15, split_source="estimate", n_neighbors=5,
                   alphas=[1.0, 2.0], beta=0.2, tau=0.1, trades_beta=6.0,
@@ -96,7 +98,7 @@ SPEC = Spec(CHAPTER, [
                   device="auto"),
     "laptop": dict(dataset="cifar100", contrast="cifar10", n_train=3000, n_val=200,
                    n_test=1000, mem_k=16, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
-                   mem_epochs=15, mem_augment=False,
+                   mem_epochs=15, mem_batch_size=128, mem_augment=False,
                    mem_method="standard", arch="small_cnn", width=16, epochs=8,
                    lr=0.05, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
                    train_steps=3, eval_steps=10, restarts=1, t=0.15, split_source="proxy",
@@ -105,7 +107,7 @@ SPEC = Spec(CHAPTER, [
                    seed=0, device="auto"),
     "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=10000,
                 mem_k=100, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
-                mem_epochs=10, mem_augment=True,
+                mem_epochs=10, mem_batch_size=512, mem_augment=True,
                 mem_method="standard", arch="preact_resnet18", width=32,
                 epochs=20, lr=0.1, milestones=[0.5, 0.75], batch_size=256, eps255=8.0,
                 train_steps=5, eval_steps=20, restarts=1, t=0.15, split_source="estimate",
@@ -114,7 +116,7 @@ SPEC = Spec(CHAPTER, [
                 seed=0, device="auto"),
     "paper": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000,
                   n_test=10000, mem_k=2000, mem_fraction=0.7, mem_arch="preact_resnet18",
-                  mem_width=64, mem_epochs=30, mem_augment=True,
+                  mem_width=64, mem_epochs=30, mem_batch_size=128, mem_augment=True,
                   mem_method="standard", arch="preact_resnet18",
                   width=64, epochs=160, lr=0.1, milestones=[0.5, 0.75], batch_size=128,
                   eps255=8.0, train_steps=10, eval_steps=20, restarts=1, t=0.15,
@@ -240,7 +242,7 @@ def _record(run: results.Run) -> dict:
 
 def _mem_config(cfg, name: str) -> dict:
     keys = ("n_train", "n_val", "n_test", "mem_k", "mem_fraction", "mem_arch", "mem_width",
-            "mem_epochs", "mem_augment", "mem_method", "lr", "milestones", "batch_size", "eps255",
+            "mem_epochs", "mem_batch_size", "mem_augment", "mem_method", "lr", "milestones", "batch_size", "eps255",
             "train_steps", "seed")
     return {"dataset": name, **{k: cfg[k] for k in keys}}
 
@@ -262,7 +264,8 @@ def subset_models(cfg, ds, device, progress=False) -> results.Run:
                                             cfg["mem_fraction"], cfg["seed"])
         tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
                                               n_val=0, seed=cfg["seed"]),
-                                   augment=cfg["mem_augment"])
+                                   augment=cfg["mem_augment"],
+                                   batch_size=cfg["mem_batch_size"])
         adv = cfg["mem_method"] == "pgd_at"
 
         def train_one(k, mask):
@@ -293,7 +296,8 @@ def proxy_run(cfg, ds, device, progress=False) -> results.Run:
     conf = {**_mem_config(cfg, ds.name), "mem_k": None, "n_neighbors": cfg["n_neighbors"]}
     tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
                                           n_val=cfg["n_val"], seed=cfg["seed"]),
-                               augment=cfg["mem_augment"])
+                               augment=cfg["mem_augment"],
+                                   batch_size=cfg["mem_batch_size"])
 
     def hook(model):
         return {"train_clean": _correct(model, ds.x_train, ds.y_train, device)}
@@ -486,7 +490,11 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
     atyp_idx = rng.permutation(np.flatnonzero(atyp))
     typ_idx = np.flatnonzero(~atyp)
     for f in cfg["atypical_fractions"]:
-        idx = np.sort(np.concatenate([typ_idx, atyp_idx[:int(round(f * len(atyp_idx)))]]))
+        n_add = int(round(f * len(atyp_idx)))
+        if n_add == len(atyp_idx):  # the whole training set: that is the pgd_at run
+            out["runs"][f"typical+{f:g}"] = out["runs"]["pgd_at"]
+            continue
+        idx = np.sort(np.concatenate([typ_idx, atyp_idx[:n_add]]))
         out["runs"][f"typical+{f:g}"] = _record(_at_run(
             f"typical+{f:g}", cfg, ds, _subset(ds, idx), _pgd_at_objective(cfg), device,
             progress, extra={**split_key, "atypical_fraction": f}))
