@@ -66,11 +66,22 @@ def markdown(root: Path | None = None) -> str:
         "holds at that scale, not whether the paper's number is matched.", "",
         f"**{len(table)} claims:** " + ", ".join(
             f"{{{BADGE[v]}}}`{v}` {counts.get(v, 0)}" for v in claims.VERDICTS), "",
+        "| paper | claims | " + " | ".join(claims.VERDICTS) + " | published run |",
+        "|---|---|" + "---|" * len(claims.VERDICTS) + "---|",
     ]
+    for paper, info in claims.PAPERS.items():
+        per = Counter(r["verdict"] for r in table if r["paper"] == paper)
+        rec = publish.record(info["chapter"], root)
+        pub = (f"`{rec['preset']}`, {'/'.join(_short_device(d) for d in rec['devices'])}"
+               if rec else "none yet")
+        lines.append(f"| [{info['short']}](#scorecard-{paper}) | {sum(per.values())} | "
+                     + " | ".join(str(per.get(v, 0)) for v in claims.VERDICTS)
+                     + f" | {pub} |")
+    lines.append("")
     for paper, info in claims.PAPERS.items():
         prows = [r for r in table if r["paper"] == paper]
         chapter = info["chapter"]
-        lines += [f"## {info['short']}", "", f"*{info['title']}*", ""]
+        lines += [f"(scorecard-{paper})=", f"## {info['short']}", "", f"*{info['title']}*", ""]
         if chapter in experiments.CHAPTERS:
             link = f"[the {info['short']} chapter]({chapter}.ipynb)"
         else:
