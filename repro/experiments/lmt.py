@@ -393,7 +393,9 @@ def summary_table(result: dict, dataset: str):
             "median DeepFool dist": m["attacks"]["median_deepfool"],
             "violations": m["soundness"]["violations"],
         }
-    return pd.DataFrame(rows).T.round(3)
+    df = pd.DataFrame(rows).T.round(3)
+    df["violations"] = df["violations"].astype(int)
+    return df
 
 
 def accuracy_table(result: dict, dataset: str):
@@ -423,7 +425,9 @@ def tightness_table(result: dict, dataset: str):
                                 "best attack / radius": t["median_min_global"],
                                 "best attack / per-pair radius": t["median_min_pairwise"],
                                 "points": t["n"]}
-    return pd.DataFrame(rows).T.round(2)
+    df = pd.DataFrame(rows).T.round(2)
+    df["points"] = df["points"].astype(int)
+    return df
 
 
 def layer_table(result: dict, dataset: str, methods=("standard", "lmt")):
