@@ -551,8 +551,10 @@ def _claim_sound(result):
     verdict = (claims.NOT_REPRODUCED if v else claims.REPRODUCED if
                min(r["metrics"]["soundness"]["n_checked"] for r in result["runs"].values())
                >= 1000 else claims.PARTLY)
-    return claims.Outcome(f"{v} violations over {n} certified-and-attacked test points "
-                          f"({len(result['runs'])} models)", verdict, value=float(v))
+    cert = sum(r["metrics"]["soundness"]["n_certified"] for r in result["runs"].values())
+    return claims.Outcome(f"{v} violations: {n} test points ({len(result['runs'])} models), "
+                          f"the {cert} with a positive certified radius attacked by C&W, "
+                          f"DeepFool and PGD", verdict, value=float(v))
 
 
 def _claim_tightness(result):
