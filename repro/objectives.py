@@ -443,8 +443,11 @@ class BAT(Objective):
         dl = (losses.discrimination_loss(feats, batch.y, ~atyp, tau=self.tau)
               if self.beta else ce.new_zeros(()))
         loss = ce + self.beta * dl
+        # feat_norm watches for the collapse seen at laptop scale (small_cnn, CIFAR-10): the
+        # discrimination loss drove the ReLU penultimate features to 0 (constant prediction)
         return loss, {"loss": loss.detach(), "wce": ce.detach(), "disc": dl.detach(),
-                      "mean_w": w.mean(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
+                      "mean_w": w.mean(), "feat_norm": feats.detach().float().norm(dim=1).mean(),
+                      "adv_acc": losses.accuracy(logits.detach(), batch.y)}
 
 
 def bat(atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255, steps=10,
