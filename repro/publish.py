@@ -156,7 +156,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
                                f"(> {MAX_BYTES / 1e6:.0f} MB): store fewer or smaller arrays")
         record = {
             "chapter": chapter, "preset": preset, "overrides": overrides,
-            "config": config, "seed": config.get("seed"),
+            "config": config, "seed": config.get("seed", config.get("seeds")),  # advprop takes a list of seeds
             "devices": sorted({r["device"] for r in runs.values() if r["device"]}),
             "commits": sorted({str(r["commit"]) for r in runs.values()}),
             "library_commit_at_publish": results.git_commit(),
