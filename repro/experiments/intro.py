@@ -140,7 +140,8 @@ def table(result: dict):
             acc[f"AutoAttack ({r['metrics']['autoattack']['version']})"] = \
                 r["metrics"]["autoattack"]["accuracy"]
         rows[{"standard": "standard training", "pgd_at": "PGD adversarial training"}[method]] = acc
-    return (pd.DataFrame(rows).T * 100).round(2)
+    table = (pd.DataFrame(rows).T * 100).round(2)
+    return table.astype(object).where(table.notna(), "—")  # AutoAttack runs on the AT model only
 
 
 def examples(result: dict, method: str) -> dict[str, np.ndarray]:
