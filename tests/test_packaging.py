@@ -52,3 +52,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make book" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make book" in ci
+
+
+def test_published_files_are_not_git_ignored():
+    """A published chapter must reach a fresh clone whole (a stray ignore pattern once
+    dropped every book/published/*/results/ folder)."""
+    published = ROOT / "book" / "published"
+    files = [str(p.relative_to(ROOT)) for p in published.rglob("*") if p.is_file()]
+    if not files or not (ROOT / ".git").exists():
+        return
+    out = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input="\n".join(files),
+                         capture_output=True, text=True, cwd=ROOT)
+    ignored = [f for f in out.stdout.splitlines() if not f.endswith(".tmp")]
+    assert not ignored, f"ignored by .gitignore, so missing from a clone: {ignored[:5]}"
