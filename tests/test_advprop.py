@@ -12,7 +12,6 @@ from repro.objectives import Batch, StepState
 
 @pytest.fixture(scope="module")
 def batch():
-    torch.set_num_threads(1)
     ds = data.load("cifar10").limit(n_train=32)
     x = data.to_float(ds.x_train)
     return Batch(x, ds.y_train, torch.arange(len(x)))

@@ -25,15 +25,6 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared, busy cores: two threads were ~20x slower than one here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _CACHE = {}
 
 

@@ -7,7 +7,6 @@ from repro import corruptions, data
 
 @pytest.fixture(scope="module")
 def x():
-    torch.set_num_threads(1)
     return data.load("cifar10").x_test[:64]
 
 

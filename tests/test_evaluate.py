@@ -14,14 +14,6 @@ from test_attacks import EPS, tiny_mnist_cnn  # one trained model per test proce
 N = 100  # AutoAttack's APGD-T (9 targets x 100 steps) dominates the run time
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_attacks.one_thread
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(mnist):
     return tiny_mnist_cnn(mnist)

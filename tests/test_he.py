@@ -93,7 +93,6 @@ def test_he_objectives_refuse_a_linear_head(mnist):
 
 @pytest.mark.parametrize("name", ["pgd_at_he", "trades_he", "alp_he"])
 def test_he_objectives_train_on_a_real_batch(mnist, name):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=8, head="hypersphere")
     objective = objectives.build(name, eps=0.1, alpha=0.04, steps=3)

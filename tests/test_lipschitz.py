@@ -17,16 +17,6 @@ from repro import data, models
 from repro import lipschitz as L
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops, where a second intra-op thread only adds sync cost
-    (10x slower on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def jacobian_norm(fn, x):
     """Spectral norm of the Jacobian of fn at x (float64), fn on a single example."""
     jac = torch.autograd.functional.jacobian(fn, x.double())

@@ -13,15 +13,6 @@ from repro.experiments import lmt as chapter
 from repro.train import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is shared: one thread is faster than two fighting for cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small(mnist):
     return mnist.limit(3000, 200, 300)
