@@ -419,7 +419,7 @@ class BAT(Objective):
 
     name = "bat"
 
-    def __init__(self, atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255,
+    def __init__(self, atypical, alpha=1.0, beta=0.2, tau=0.5, eps=8 / 255, step=2 / 255,
                  steps=10, norm="linf"):
         import hashlib
         import numpy as np
@@ -443,14 +443,15 @@ class BAT(Objective):
         dl = (losses.discrimination_loss(feats, batch.y, ~atyp, tau=self.tau)
               if self.beta else ce.new_zeros(()))
         loss = ce + self.beta * dl
-        # feat_norm watches for the collapse seen at laptop scale (small_cnn, CIFAR-10): the
-        # discrimination loss drove the ReLU penultimate features to 0 (constant prediction)
+        # feat_norm watches for the collapse seen at laptop scale (small_cnn, CIFAR-10) with
+        # tau = 0.1: the discrimination loss drove the ReLU penultimate features to 0
+        # (constant prediction); see losses.discrimination_loss for why tau defaults to 0.5
         return loss, {"loss": loss.detach(), "wce": ce.detach(), "disc": dl.detach(),
                       "mean_w": w.mean(), "feat_norm": feats.detach().float().norm(dim=1).mean(),
                       "adv_acc": losses.accuracy(logits.detach(), batch.y)}
 
 
-def bat(atypical, alpha=1.0, beta=0.2, tau=0.1, eps=8 / 255, step=2 / 255, steps=10,
+def bat(atypical, alpha=1.0, beta=0.2, tau=0.5, eps=8 / 255, step=2 / 255, steps=10,
         norm="linf") -> BAT:
     return BAT(atypical, alpha, beta, tau, eps, step, steps, norm)
 
