@@ -113,13 +113,18 @@ def _step(x_adv, grad, alpha, norm):
 
 # ----------------------------------------------------------------------------- PGD
 
-def _pgd_run(model, x, y, eps, alpha, steps, norm, loss_fn, clean_logits, start, targeted):
+def _pgd_run(model, x, y, eps, alpha, steps, norm, loss_fn, clean_logits, start, targeted,
+             score=True):
+    """One PGD run from ``start``. ``score``: also return the final objective and success
+    (one more forward pass; only needed to pick the worst of several restarts)."""
     x_adv = start
     for _ in range(steps):  # no early stopping: every example takes every step
         x_adv = x_adv.detach().requires_grad_(True)
         obj, _ = _objective(model, x_adv, y, loss_fn, clean_logits, targeted)
         (grad,) = torch.autograd.grad(obj.sum(), x_adv)
         x_adv = project(_step(x_adv.detach(), grad, alpha, norm), x, eps, norm)
+    if not score:
+        return x_adv.detach(), None, None
     with torch.no_grad():
         obj, logits = _objective(model, x_adv, y, loss_fn, clean_logits, targeted)
         pred = logits.argmax(1)
@@ -153,7 +158,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         for _ in range(restarts):
             start = _random_start(x, eps, norm, generator) if random_start else x.clone()
             x_adv, obj, success = _pgd_run(model, x, y, eps, alpha, steps, norm, loss_fn,
-                                           clean_logits, start, targeted)
+                                           clean_logits, start, targeted, score=restarts > 1)
             if best is None:
                 best, best_obj, best_success = x_adv, obj, success
                 continue
