@@ -97,14 +97,17 @@ SPEC = Spec(CHAPTER, [
                   alphas=[1.0, 2.0], beta=0.2, tau=0.5, trades_beta=6.0,
                   atypical_fractions=[0.0, 1.0], curve_test=100, autoattack="none", seed=0,
                   device="auto"),
-    "laptop": dict(dataset="cifar100", contrast="cifar10", n_train=3000, n_val=200,
-                   n_test=1000, mem_k=16, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
-                   mem_epochs=15, mem_batch_size=128, mem_augment=False,
-                   mem_method="standard", arch="small_cnn", width=16, epochs=8,
+    # laptop: CIFAR-10, not CIFAR-100. On a CPU budget a small CNN under PGD-AT reaches about
+    # 9% clean accuracy on CIFAR-100 (20,000 images, 10 epochs, measured) and fits nothing to
+    # memorise; on CIFAR-10 it learns. CIFAR-100 stays as the memorization contrast.
+    "laptop": dict(dataset="cifar10", contrast="cifar100", n_train=10000, n_val=500,
+                   n_test=2000, mem_k=48, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
+                   mem_epochs=10, mem_batch_size=128, mem_augment=False,
+                   mem_method="standard", arch="small_cnn", width=32, epochs=15,
                    lr=0.05, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
-                   train_steps=3, eval_steps=10, restarts=1, t=0.15, split_source="proxy",
+                   train_steps=3, eval_steps=10, restarts=1, t=0.15, split_source="estimate",
                    n_neighbors=10, alphas=[1.0, 2.0], beta=0.2, tau=0.5, trades_beta=6.0,
-                   atypical_fractions=[0.0, 0.5, 1.0], curve_test=500, autoattack="fast",
+                   atypical_fractions=[0.0, 0.5, 1.0], curve_test=1000, autoattack="fast",
                    seed=0, device="auto"),
     "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=10000,
                 mem_k=100, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
