@@ -156,10 +156,12 @@ def from_notebook(spec: Spec, namespace: dict) -> dict[str, Any]:
 
 
 def parse_cli_value(text: str) -> Any:
-    """Parse a ``-p name value`` string the way papermill does (YAML-like literals)."""
+    """Parse a ``-p name value`` string the way papermill does (YAML-like literals).
+    Lower-case ``none`` stays a string: it is a valid choice of some parameters (e.g. BAT's
+    ``contrast``, ``autoattack``), and papermill keeps it a string too."""
     import ast
     lowered = text.strip()
-    if lowered in ("None", "null", "none"):
+    if lowered in ("None", "null"):
         return None
     if lowered in ("True", "true"):
         return True

@@ -64,3 +64,8 @@ def test_parse_cli_value_like_papermill():
     assert params.parse_cli_value("3") == 3 and params.parse_cli_value("0.5") == 0.5
     assert params.parse_cli_value("[1, 2]") == [1, 2] and params.parse_cli_value("None") is None
     assert params.parse_cli_value("true") is True and params.parse_cli_value("pgd") == "pgd"
+    # 'none' is a choice of some parameters (BAT's contrast, autoattack): it must not become
+    # None, which means "the preset's value" (it once silently re-ran the preset's contrast)
+    assert params.parse_cli_value("none") == "none"
+    from repro.experiments import bat
+    assert bat.SPEC.resolve("laptop", contrast=params.parse_cli_value("none"))["contrast"] == "none"
