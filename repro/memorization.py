@@ -216,6 +216,22 @@ def correlation(a: np.ndarray, b: np.ndarray) -> dict:
             float("nan"), "n": int(len(a))}
 
 
+
+def split_half_reliability(correct: np.ndarray, masks: np.ndarray) -> dict:
+    """How reproducible the estimate is at this K, from the models already trained: the
+    Pearson correlation between the estimates of the first and the second half of the K
+    models, and its Spearman-Brown extrapolation 2r / (1 + r) to all K (what two independent
+    sets of K models would agree to). Examples either half cannot estimate are left out."""
+    h = len(masks) // 2
+    if h < 2:
+        return {"k_half": h, "pearson_half": float("nan"), "spearman_brown": float("nan"),
+                "n": 0}
+    a = memorization(correct[:h], masks[:h]).value
+    b = memorization(correct[h:2 * h], masks[h:2 * h]).value
+    c = correlation(a, b)
+    r = c["pearson"]
+    return {"k_half": h, "pearson_half": r, "spearman_brown": 2 * r / (1 + r), "n": c["n"]}
+
 # ----------------------------------------------------------------------------- estimation
 
 class SubsetEstimation:

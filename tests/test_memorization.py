@@ -112,3 +112,29 @@ def test_subset_estimation_resumes(tmp_path):
     np.testing.assert_array_equal(out["train_clean"], out["masks"])
     with pytest.raises(ValueError, match="holds an estimation"):
         M.SubsetEstimation(tmp_path / "mem", n=11, k=4, seed=0).run(train_one)
+
+
+def test_split_half_reliability_tracks_the_noise():
+    """Half-vs-half agreement of the estimate: high when memorization is planted strongly
+    and K is large, lower with fewer models, about 0 when there is nothing to estimate; the
+    Spearman-Brown value predicts the agreement of two independent full-K estimates."""
+    rng = np.random.default_rng(0)
+    n = 600
+    truth = rng.uniform(0, 0.8, n)
+
+    def simulate(k, seed, planted=True):
+        masks = M.subset_masks(n, k, 0.7, seed=seed)
+        p = np.where(masks, 0.2 + (truth if planted else 0), 0.2)
+        return np.random.default_rng(seed).random((k, n)) < p, masks
+
+    big = M.split_half_reliability(*simulate(200, 1))
+    small = M.split_half_reliability(*simulate(20, 2))
+    none = M.split_half_reliability(*simulate(200, 3, planted=False))
+    assert big["k_half"] == 100 and big["n"] == n
+    assert big["pearson_half"] > 0.8 > small["pearson_half"] > 0.2
+    assert abs(none["pearson_half"]) < 0.15
+    assert big["spearman_brown"] > big["pearson_half"]
+    # two independent sets of 200 models agree about as well as Spearman-Brown predicts
+    a = M.memorization(*simulate(200, 4)).value
+    b = M.memorization(*simulate(200, 5)).value
+    assert abs(M.correlation(a, b)["pearson"] - big["spearman_brown"]) < 0.05

@@ -365,6 +365,7 @@ def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> result
         masks = a["masks"]
         est = memorization.memorization(a["train_clean"], masks)
         metrics = {"k": int(len(masks)), "estimate": est.summary(),
+                   "reliability": memorization.split_half_reliability(a["train_clean"], masks),
                    "fraction_atypical_estimate": float(memorization.atypical(est.value, cfg["t"]).mean())}
         arrays = {"mem": est.value.astype(np.float32), "mem_se": est.se.astype(np.float32),
                   "p_in": est.p_in.astype(np.float32), "p_out": est.p_out.astype(np.float32),
@@ -613,6 +614,7 @@ def summary(result: dict) -> dict:
     mm = result["runs"]["memorization"]["metrics"]
     s = {"k": mm["k"], "mem_mean_se": mm["estimate"]["mean_se"],
          "proxy_spearman": mm.get("proxy_correlation", {}).get("spearman"),
+         "split_half_r": mm.get("reliability", {}).get("pearson_half"),
          "fraction_atypical_train": mm["fraction_atypical_train"],
          "fraction_atypical_test": mm.get("fraction_atypical_test")}
     for r in methods(result):
