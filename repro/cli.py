@@ -106,6 +106,10 @@ def benchmarks() -> list[str]:
 
 
 def cmd_bench(args, rest) -> int:
+    if args.name is None or args.name.startswith("-"):
+        print("usage: python -m repro bench NAME [benchmark arguments]; NAME is one of: "
+              + ", ".join(benchmarks()) + " (python -m repro bench NAME --help for its options)")
+        return 0 if [args.name, *rest] in ([None], [None, "-h"], [None, "--help"]) else 2
     if args.name not in benchmarks():
         print(f"error: unknown benchmark {args.name!r}; have: {', '.join(benchmarks())}",
               file=sys.stderr)
@@ -133,8 +137,11 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=["prepare", "show"])
     p.add_argument("names", nargs="*")
     p.add_argument("--root", default=None)
-    p = sub.add_parser("bench", help="speed benchmarks (extra arguments go to the benchmark)")
-    p.add_argument("name")
+    # no -h of its own: `bench NAME --help` reaches the benchmark's parser
+    p = sub.add_parser("bench", add_help=False,
+                       help="speed benchmarks (extra arguments, --help included, go to the "
+                            "benchmark)")
+    p.add_argument("name", nargs="?")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
