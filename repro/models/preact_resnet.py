@@ -20,13 +20,15 @@ class PreActBlock(nn.Module):
     code, to the pre-activated input) and ``nn.Identity`` otherwise.
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "bn"):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "bn",
+                 drop_rate: float = 0.0):
         super().__init__()
         norm_layer = make_norm(norm)
         self.bn1 = norm_layer(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = norm_layer(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate  # dropout between the convs (Wide ResNet's option)
         self.projects = stride != 1 or in_planes != planes
         self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
                          if self.projects else nn.Identity())
@@ -34,9 +36,10 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.projects else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return self.conv2(out) + skip
 
 
 class PreActResNet(FeatureClassifier):

@@ -9,32 +9,14 @@ from torch import nn
 
 from repro.models.heads import FeatureClassifier, init_weights, make_head
 from repro.models.norms import Normalize, make_norm
+from repro.models.preact_resnet import PreActBlock
 
 
-class WideBasicBlock(nn.Module):
+class WideBasicBlock(PreActBlock):
     """BN-ReLU-conv3x3-(dropout)-BN-ReLU-conv3x3 plus a shortcut (1x1 conv on the
-    pre-activated input when the shape changes, ``nn.Identity`` otherwise)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "bn",
-                 drop_rate: float = 0.0):
-        super().__init__()
-        norm_layer = make_norm(norm)
-        self.bn1 = norm_layer(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.drop_rate = drop_rate
-        self.projects = stride != 1 or in_planes != planes
-        self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-                         if self.projects else nn.Identity())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.projects else x
-        out = F.relu(self.bn2(self.conv1(out)))
-        if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
-        return self.conv2(out) + skip
+    pre-activated input when the shape changes, ``nn.Identity`` otherwise): the
+    pre-activation block with Wide ResNet's optional dropout, under the name the WRN
+    code uses."""
 
 
 class WideResNet(FeatureClassifier):
