@@ -216,7 +216,6 @@ def correlation(a: np.ndarray, b: np.ndarray) -> dict:
             float("nan"), "n": int(len(a))}
 
 
-
 def split_half_reliability(correct: np.ndarray, masks: np.ndarray) -> dict:
     """How reproducible the estimate is at this K, from the models already trained: the
     Pearson correlation between the estimates of the first and the second half of the K
@@ -231,6 +230,7 @@ def split_half_reliability(correct: np.ndarray, masks: np.ndarray) -> dict:
     c = correlation(a, b)
     r = c["pearson"]
     return {"k_half": h, "pearson_half": r, "spearman_brown": 2 * r / (1 + r), "n": c["n"]}
+
 
 # ----------------------------------------------------------------------------- estimation
 

@@ -647,10 +647,15 @@ def _claim_a(result: dict) -> claims.Outcome:
     return claims.Outcome(ours, verdict, value=100 * (g_clean - g_pgd), note=note)
 
 
+def accuracy_se(p, n: int):
+    """Binomial standard error of an accuracy p (a float or an array) measured on n examples."""
+    return np.sqrt(np.asarray(p) * (1 - np.asarray(p)) / max(1, n))
+
+
 def _se_diff(p1: float, p2: float, n: int) -> float:
     """Standard error of the difference of two accuracies on n examples each (unpaired:
     conservative for the same test set)."""
-    return float(np.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(1, n)))
+    return float(np.hypot(accuracy_se(p1, n), accuracy_se(p2, n)))
 
 
 def _claim_b(result: dict) -> claims.Outcome:
