@@ -88,11 +88,14 @@ def run_name(method: str, width: int, seed: int, eps: int | None = None) -> str:
     return f"{method}_w{width}" + ("" if method == "vanilla" else f"_e{eps}") + f"_s{seed}"
 
 
-def _objective(method: str, eps: int, targeted: bool):
+ATTACKERS = objectives.AdvProp.ATTACKERS  # "pgd" (the paper's, default) or "port"
+
+
+def _objective(method: str, eps: int, targeted: bool, attacker: str = "pgd"):
     if method == "vanilla":
         return objectives.standard()
     return objectives.advprop(eps=eps / 255, alpha=1 / 255, steps=eps + 1, targeted=targeted,
-                              aux_bn=(method == "advprop"))
+                              aux_bn=(method == "advprop"), attacker=attacker)
 
 
 def _accuracy(model, x, y, device, batch_size=500) -> np.ndarray:
@@ -182,11 +185,40 @@ def plan(cfg: dict) -> list[tuple[str, str, int, int, int | None]]:
     return out
 
 
-def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) -> dict:
+_SHARED = ("epochs", "n_train", "n_test", "n_corrupt", "arch", "targeted", "corruptions",
+           "severities", "eval_eps", "eval_steps", "batch_size", "lr")
+
+
+def run_key(cfg: dict, method: str, width: int, seed: int, eps: int | None,
+            attacker: str = "pgd") -> dict:
+    """What changes a run's result. ``attacker`` enters only when it is not the default, so
+    the runs published before the option existed keep their keys."""
+    key = {**{k: cfg[k] for k in _SHARED}, "method": method, "width": width, "seed": seed,
+           "eps": eps}
+    if attacker != "pgd" and method != "vanilla":
+        key["attacker"] = attacker
+    return key
+
+
+def run_config(cfg: dict, method: str, width: int, seed: int, eps: int | None,
+               attacker: str = "pgd") -> dict:
+    """The full configuration that keys a run's cache folder (its config.json)."""
+    return common.run_config(run_key(cfg, method, width, seed, eps, attacker),
+                             _train_cfg(cfg, seed), _objective(method, eps, cfg["targeted"],
+                                                               attacker))
+
+
+def run(preset: str = "smoke", progress: bool = True, only=None, attacker: str = "pgd",
+        **overrides) -> dict:
     """Train every model of the plan (or reuse cached runs) and return what the chapter shows.
 
     ``only``: run names (see ``plan``) to compute, e.g. to split a preset over processes or
-    machines; the result then has no summary."""
+    machines; the result then has no summary. ``attacker``: "pgd" (default: the attacker
+    the paper describes; every published run used it) or "port" (the PyTorch port's:
+    random target label, random start on ~42% of batches; see ``objectives.AdvProp``).
+    It is an argument of ``run``, not yet a notebook parameter."""
+    if attacker not in ATTACKERS:
+        raise ValueError(f"advprop: attacker must be one of {ATTACKERS}, got {attacker!r}")
     cfg = SPEC.resolve(preset, **overrides)
     bad = [c for c in cfg["corruptions"] if c not in corruptions.PARAMS]
     bad += [s for s in cfg["severities"] if s not in corruptions.SEVERITIES]
@@ -199,10 +231,7 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
     ds = common.load_dataset("cifar10", n_train=cfg["n_train"], n_test=cfg["n_test"], n_val=200)
     corrupted = {(c, s): corruptions.corrupt_uint8(ds.x_test[:cfg["n_corrupt"]], c, s, seed=0)
                  for c in cfg["corruptions"] for s in cfg["severities"]}
-    shared = {k: cfg[k] for k in ("epochs", "n_train", "n_test", "n_corrupt", "arch", "targeted",
-                                  "corruptions", "severities", "eval_eps", "eval_steps",
-                                  "batch_size", "lr")}
-    out = {"config": cfg, "runs": {}}
+    out = {"config": cfg, "attacker": attacker, "runs": {}}
     todo = plan(cfg)
     if only is not None:
         unknown = set(only) - {r[0] for r in todo}
@@ -211,11 +240,10 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
         todo = [r for r in todo if r[0] in set(only)]
     for name, method, width, seed, eps in todo:
         norm = "dual_bn" if method == "advprop" else "bn"
-        key = {**shared, "method": method, "width": width, "seed": seed, "eps": eps}
         r = common.train_and_evaluate(
-            "advprop", name, key,
+            "advprop", name, run_key(cfg, method, width, seed, eps, attacker),
             model_fn=common.model_for(cfg["arch"], ds, width=width, norm=norm, init_seed=seed),
-            objective=_objective(method, eps, cfg["targeted"]), dataset=ds,
+            objective=_objective(method, eps, cfg["targeted"], attacker), dataset=ds,
             train_cfg=_train_cfg(cfg, seed), device=device, progress=progress, use_best=False,
             evaluate=lambda m: _evaluate(m, ds, cfg, corrupted, device, progress))
         out["runs"][name] = {"metrics": r.metrics(), "arrays": r.arrays(),

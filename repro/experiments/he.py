@@ -230,6 +230,28 @@ def _evaluate(model, ds, cfg, device, progress):
     return metrics, arrays
 
 
+def train_config(cfg: dict) -> TrainConfig:
+    """Every run's training setup: SGD, momentum 0.9, weight decay 5e-4 for all six runs (the
+    official scripts differ per variant: see DIFFERENCES)."""
+    eps, val = cfg["eps"] / 255, cfg["val_size"]
+    return TrainConfig(
+        epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
+        momentum=0.9, weight_decay=5e-4, schedule=cfg["schedule"],
+        milestones=tuple(cfg["milestones"]), seed=cfg["seed"], augment=True,
+        val_every=1 if val > 0 else 0, val_size=val, val_eps=eps, val_alpha=eps / 4,
+        val_steps=10)
+
+
+def run_key(name: str, cfg: dict) -> dict:
+    """What changes a run's result: everything but the device and the list of variants."""
+    return {**{k: v for k, v in cfg.items() if k not in ("device", "variants")}, "method": name}
+
+
+def run_config(name: str, cfg: dict) -> dict:
+    """The full configuration that keys run ``name``'s cache folder (its config.json)."""
+    return common.run_config(run_key(name, cfg), train_config(cfg), make_objective(name, cfg))
+
+
 def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) -> dict:
     """Train every variant with and without HE (or reuse cached runs); evaluate each.
 
@@ -237,18 +259,9 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
     processes or sessions; the cache joins them afterwards."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
-    val = cfg["val_size"]
     ds = common.load_dataset("cifar10", n_train=cfg["n_train"], n_test=cfg["n_test"],
-                             n_val=max(val, 1), val_size=1000)
-    eps = cfg["eps"] / 255
-    train_cfg = TrainConfig(
-        epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
-        momentum=0.9, weight_decay=5e-4, schedule=cfg["schedule"],
-        milestones=tuple(cfg["milestones"]), seed=cfg["seed"], augment=True,
-        val_every=1 if val > 0 else 0, val_size=val, val_eps=eps, val_alpha=eps / 4,
-        val_steps=10)
-    # what changes a run's result: everything but the device and the list of variants
-    key = {k: v for k, v in cfg.items() if k not in ("device", "variants")}
+                             n_val=max(cfg["val_size"], 1), val_size=1000)
+    train_cfg = train_config(cfg)
     out = {"config": cfg, "runs": {}}
     for name in run_names(cfg["variants"]):
         if only is not None and name not in only:
@@ -256,7 +269,7 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
         he = name.endswith("_he")
         objective = make_objective(name, cfg)
         r = common.train_and_evaluate(
-            "he", name, {**key, "method": name}, model_fn=_model_fn(cfg, ds, he),
+            "he", name, run_key(name, cfg), model_fn=_model_fn(cfg, ds, he),
             objective=objective, dataset=ds, train_cfg=train_cfg, device=device,
             progress=progress, use_best=False,
             evaluate=lambda m: _evaluate(m, ds, cfg, device, progress))
