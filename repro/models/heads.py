@@ -31,6 +31,14 @@ class HypersphereHead(nn.Module):
       projected onto the sphere's tangent and divided by ||w||, and weight decay shrinks
       ||w||, so the head's effective learning rate is lr/||w||² and drifts during training
       (this book's HE runs before the change used it).
+
+    Measured once (MNIST small_cnn width 8, PGD-AT+HE s=10 m=0.2, 400 SGD steps of batch 64,
+    lr 0.05, momentum 0.9, weight decay 5e-4, seeds 0 and 1, same init and data): in "graph"
+    mode the rows' norm grew from 0.58 at init to 2.37 / 2.30, i.e. an effective head
+    learning rate of ~0.18·lr by the end, and the rows turned by 57° / 54° against 68° / 65°
+    with "project"; clean and C&W-PGD-10 accuracy on 500 test images were 94.2 / 83.6 and
+    92.8 / 81.8 % ("graph") against 94.6 / 84.0 and 93.2 / 83.6 % ("project"), differences
+    within the noise of 500 images.
     """
 
     def __init__(self, in_features: int, num_classes: int, weight_norm: str = "project"):
