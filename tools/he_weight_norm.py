@@ -2,7 +2,8 @@
 # on a shared 2-core CPU). Numbers quoted in repro/models/heads.py (HypersphereHead).
 """Cheap measurement: PGD-AT+HE with the head's rows projected each forward (official) vs
 normalised in the graph, same init, data order and attacks. MNIST small_cnn."""
-import copy, sys, time
+import sys
+import time
 import torch
 from repro import attacks, data, losses, models, objectives
 from repro.objectives import Batch, StepState
