@@ -6,6 +6,8 @@ BAT weights, discrimination loss).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,16 @@ def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor,
 
 def logit_pairing(logits_adv: torch.Tensor, logits_clean: torch.Tensor,
                   reduction: str = "mean") -> torch.Tensor:
-    """ALP's pairing term (Kannan et al. 2018): squared L2 distance between the logits of an
-    image and of its adversarial version, summed over classes per example."""
-    per_example = (logits_adv.float() - logits_clean.float()).pow(2).sum(1)
+    """ALP's pairing term (Kannan et al. 2018) in the official HE code's form
+    (github.com/ShawnXYang/AT_HE, ``CIFAR-10/losses.py``: ``F.mse_loss(logits, logits_adv)``):
+    the squared difference between the outputs for an image and for its adversarial version,
+    averaged over classes *and* batch. Inputs (N, K), the model's output (for an HE model the
+    unscaled cosines). ``"none"``: one value per example, the mean over the K classes, so that
+    ``"mean"`` equals ``F.mse_loss`` exactly; ``"sum"`` sums those per-example means.
+
+    (Until this was fixed the term summed over classes, K = 10 times the official value, and
+    ALP+HE paired s·cos θ, s²·K times it.)"""
+    per_example = (logits_adv.float() - logits_clean.float()).pow(2).mean(1)
     return _reduce(per_example, reduction)
 
 
@@ -53,10 +62,11 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- HE (Pang et al. 2020)
 
-def he_logits(cos: torch.Tensor, y: torch.Tensor, s: float, m: float = 0.0) -> torch.Tensor:
+def he_logits(cos: torch.Tensor, y: torch.Tensor | None, s: float, m: float = 0.0) -> torch.Tensor:
     """HE's logits s·(cos θ − m·1_y): the true class's cosine is lowered by the margin m, then
     every cosine is scaled by s (CosFace form). With m = 0 these are the scaled logits s·cos θ
-    that HE's training attack ascends. Float32 even under bf16 autocast."""
+    that HE's training attack ascends (``y`` may then be None). Float32 even under bf16
+    autocast. Source: the official ``HELoss`` (ShawnXYang/AT_HE, ``CIFAR-10/he.py``)."""
     cos = cos.float()
     if m == 0:
         return s * cos
@@ -67,6 +77,53 @@ def he_cross_entropy(cos: torch.Tensor, y: torch.Tensor, s: float = 10.0, m: flo
                      reduction: str = "mean") -> torch.Tensor:
     """HE's training loss CE(s·(cos θ − m·1_y), y) on the cosine logits of a hypersphere head."""
     return F.cross_entropy(he_logits(cos, y, s, m), y, reduction=reduction)
+
+
+@dataclass(frozen=True)
+class HE:
+    """Hypersphere embedding as one argument any objective takes (``objectives.pgd_at(he=HE())``).
+
+    HE is two things (Pang et al. 2020): a head whose logits are cos θ between
+    normalised features (FN) and normalised weight rows (WN), ``models.HypersphereHead``
+    built with ``head="hypersphere"``; and a CosFace margin in the training loss,
+    CE(s·(cos θ − m·1_y), y). Everything else in an objective sees the scaled cosines s·cos θ
+    *without* the margin: its training attack (the official CIFAR code attacks CE(s·cos θ)
+    or TRADES's KL of softmax(s·cos θ)), TRADES's KL term and BAT's weights. ALP's pairing
+    acts on the model's output itself, the unscaled cos θ (official ``F.mse_loss`` on it).
+
+    ``s``: scale (official CIFAR-10 README at d3e9776: PGD-AT+HE 10, TRADES+HE 15, ALP+HE 20;
+    PGD-AT+HE was 15 until 2020-07-26). ``m``: margin in cosine units (0.2, 0.2, 0.3).
+    ``weight_norm``: how the head keeps its rows on the unit sphere, and the head the
+    objective requires (``models.HypersphereHead``): "project" as the official code
+    (rows overwritten with their normalised values at every forward) or "graph"
+    (normalised inside the autograd graph).
+    """
+
+    s: float = 10.0
+    m: float = 0.2
+    weight_norm: str = "project"
+
+    def __post_init__(self):
+        if self.s <= 0 or self.m < 0:
+            raise ValueError(f"HE needs s > 0 and m >= 0, got s={self.s}, m={self.m}")
+        if self.weight_norm not in ("project", "graph"):
+            raise ValueError(f"weight_norm must be 'project' or 'graph', got {self.weight_norm!r}")
+
+    def scaled(self, cos: torch.Tensor) -> torch.Tensor:
+        """s·cos θ (float32): what the training attack, TRADES's KL and BAT's weights see."""
+        return he_logits(cos, None, self.s, 0.0)
+
+    def margin_logits(self, cos: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """s·(cos θ − m·1_y), (N, K): the logits of the training loss."""
+        return he_logits(cos, y, self.s, self.m)
+
+    def cross_entropy(self, cos: torch.Tensor, y: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+        """CE(s·(cos θ − m·1_y), y): HE's training loss on cosine logits (N, K)."""
+        return he_cross_entropy(cos, y, self.s, self.m, reduction)
+
+    def config(self) -> dict:
+        return {"s": float(self.s), "m": float(self.m), "weight_norm": self.weight_norm}
 
 
 # --- BAT (Xu et al., arXiv 2106.04794) ------------------------------------------------------

@@ -44,16 +44,29 @@ class StepState:
 
 
 class Objective:
-    """Base class: hyperparameters as attributes, ``config()`` lists them for run records."""
+    """Base class: hyperparameters as attributes, ``config()`` lists them for run records.
+
+    HE (``losses.HE``) composes with an objective through its ``he`` argument: the model must
+    then have a hypersphere head (its output is cos θ), the loss's cross-entropies take HE's
+    margin, and everything else (the training attack, TRADES's KL, BAT's weights) sees the
+    scaled cosines s·cos θ (``_attack_model``, ``_logits``); see ``losses.HE``. ``config()``
+    then names the run ``<name>_he`` and adds s, m and the head's weight normalisation;
+    without HE it is what it always was (the results cache is keyed by it).
+    """
 
     name = "objective"
+    _he: losses.HE | None = None
 
     def __call__(self, model: nn.Module, batch: Batch, state: StepState):
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, **{k: v for k, v in vars(self).items()
-                                      if not k.startswith("_") and isinstance(v, (int, float, str, bool))}}
+        cfg = {"name": self.name, **{k: v for k, v in vars(self).items()
+                                     if not k.startswith("_") and isinstance(v, (int, float, str, bool))}}
+        if self._he is not None:
+            cfg["name"] = f"{self.name}_he"
+            cfg.update(self._he.config())
+        return cfg
 
     def state_dict(self) -> dict:
         return {}
@@ -63,140 +76,48 @@ class Objective:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"{self.name}({args})"
+        return f"{self.config()['name']}({args})"
 
+    # --- HE composition (identity when self._he is None) ----------------------------------
 
-class Standard(Objective):
-    """Cross-entropy on clean images."""
+    @property
+    def he(self) -> losses.HE | None:
+        return self._he
 
-    name = "standard"
+    def _set_he(self, he) -> None:
+        if he is not None and not isinstance(he, losses.HE):
+            raise TypeError(f"he must be a repro.losses.HE or None, got {type(he).__name__}")
+        self._he = he
 
-    def __call__(self, model, batch, state):
-        logits = model(batch.x)
-        loss = losses.cross_entropy(logits, batch.y)
-        return loss, {"loss": loss.detach(), "acc": losses.accuracy(logits.detach(), batch.y)}
+    def _check_head(self, model: nn.Module) -> None:
+        """With HE, the model's head must be a hypersphere head with HE's weight norm."""
+        if self._he is None:
+            return
+        head = getattr(model, "head", None)
+        if head is None:
+            return
+        if type(head).__name__ != "HypersphereHead":
+            raise ValueError(f"{self.config()['name']} needs a model built with "
+                             f"head='hypersphere' (its logits must be cos θ); got head "
+                             f"{type(head).__name__}")
+        if head.weight_norm != self._he.weight_norm:
+            raise ValueError(f"HE(weight_norm={self._he.weight_norm!r}) but the model's head "
+                             f"normalises its weights by {head.weight_norm!r}")
 
+    def _attack_model(self, model: nn.Module) -> nn.Module:
+        """What the training attack runs on: the model, or its scaled view s·cos θ (HE)."""
+        return model if self._he is None else ScaledLogits(model, self._he.s)
 
-class PGDAT(Objective):
-    """Madry et al. (2018): cross-entropy on PGD adversarial examples only."""
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits without margin: the output itself, or s·cos θ (HE)."""
+        return out if self._he is None else self._he.scaled(out)
 
-    name = "pgd_at"
+    def _ce(self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The objective's cross-entropy: plain, or HE's margin loss CE(s·(cos θ − m·1_y))."""
+        if self._he is None:
+            return losses.cross_entropy(out, y, reduction)
+        return self._he.cross_entropy(out, y, reduction)
 
-    def __init__(self, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
-        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
-
-    def __call__(self, model, batch, state):
-        from repro import attacks
-        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
-                            steps=self.steps, norm=self.norm, generator=state.generator)
-        logits = model(x_adv)
-        loss = losses.cross_entropy(logits, batch.y)
-        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
-
-
-class TRADES(Objective):
-    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximising the KL.
-
-    The attack starts uniformly in the eps-ball (repro.attacks' random start) where the
-    official code starts at x + 0.001 * N(0, 1); both then take ``steps`` signed steps.
-    """
-
-    name = "trades"
-
-    def __init__(self, beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
-        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
-
-    def __call__(self, model, batch, state):
-        from repro import attacks
-        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
-                            steps=self.steps, norm=self.norm, loss="kl", generator=state.generator)
-        logits_clean = model(batch.x)
-        logits_adv = model(x_adv)
-        natural = losses.cross_entropy(logits_clean, batch.y)
-        robust = losses.trades_kl(logits_adv, logits_clean)
-        loss = natural + self.beta * robust
-        return loss, {"loss": loss.detach(), "natural": natural.detach(), "kl": robust.detach(),
-                      "acc": losses.accuracy(logits_clean.detach(), batch.y),
-                      "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
-
-
-class ALP(Objective):
-    """Adversarial logit pairing (Kannan et al. 2018), in HE's form:
-    (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y) + beta * ||logits(x) - logits(x_adv)||^2,
-    with w = ``adv_weight`` (0.5: the mixed-batch version) and x_adv from a CE PGD attack."""
-
-    name = "alp"
-
-    def __init__(self, beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
-                 adv_weight=0.5):
-        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
-        self.adv_weight = adv_weight
-
-    def __call__(self, model, batch, state):
-        from repro import attacks
-        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.alpha,
-                            steps=self.steps, norm=self.norm, generator=state.generator)
-        logits_clean = model(batch.x)
-        logits_adv = model(x_adv)
-        ce_clean = losses.cross_entropy(logits_clean, batch.y)
-        ce_adv = losses.cross_entropy(logits_adv, batch.y)
-        pairing = losses.logit_pairing(logits_adv, logits_clean)
-        loss = (1 - self.adv_weight) * ce_clean + self.adv_weight * ce_adv + self.beta * pairing
-        return loss, {"loss": loss.detach(), "pairing": pairing.detach(),
-                      "acc": losses.accuracy(logits_clean.detach(), batch.y),
-                      "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
-
-
-class FGSMRS(Objective):
-    """"Fast is better than free" (Wong et al. 2020): one FGSM step of size ``alpha`` from a
-    uniform random start in the eps-ball, projected back; CE on the result."""
-
-    name = "fgsm_rs"
-
-    def __init__(self, eps=8 / 255, alpha=10 / 255):
-        self.eps, self.alpha = eps, alpha
-
-    def __call__(self, model, batch, state):
-        from repro import attacks
-        x_adv = attacks.fgsm(model, batch.x, batch.y, eps=self.eps, random_start=True,
-                             alpha=self.alpha, generator=state.generator)
-        logits = model(x_adv)
-        loss = losses.cross_entropy(logits, batch.y)
-        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(logits.detach(), batch.y)}
-
-
-def standard() -> Standard:
-    return Standard()
-
-
-def pgd_at(eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> PGDAT:
-    return PGDAT(eps, alpha, steps, norm)
-
-
-def trades(beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> TRADES:
-    return TRADES(beta, eps, alpha, steps, norm)
-
-
-def alp(beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", adv_weight=0.5) -> ALP:
-    return ALP(beta, eps, alpha, steps, norm, adv_weight)
-
-
-def fgsm_rs(eps=8 / 255, alpha=10 / 255) -> FGSMRS:
-    return FGSMRS(eps, alpha)
-
-
-OBJECTIVES = {"standard": standard, "pgd_at": pgd_at, "trades": trades, "alp": alp,
-              "fgsm_rs": fgsm_rs}
-
-
-def build(name: str, **kw) -> Objective:
-    """An objective by name, e.g. ``build("trades", beta=6)``."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**kw)
-
-
-# ----------------------------------------------------------------------------- HE (Pang et al. 2020)
 
 class ScaledLogits(nn.Module):
     """``s · model(x)``: what HE's training attack sees on a hypersphere-head model (scaled
@@ -213,111 +134,191 @@ class ScaledLogits(nn.Module):
         return self.s * out.float()
 
 
-class _HE(Objective):
-    """Shared by the HE objectives: the model must have a hypersphere head (its output is
-    cos θ); s scales the cosines, m is the CosFace margin on the true class in the loss only.
-    As in the official CIFAR code (github.com/ShawnXYang/AT_HE), the training attack ascends
-    its loss on the scaled logits s·cos θ *without* the margin."""
+class Standard(Objective):
+    """Cross-entropy on clean images (with ``he``: HE's margin loss, no attack)."""
 
-    def _check(self, model):
-        head = getattr(model, "head", None)
-        if head is not None and type(head).__name__ != "HypersphereHead":
-            raise ValueError(f"{self.name} needs a model built with head='hypersphere' "
-                             f"(its logits must be cos θ); got head {type(head).__name__}")
+    name = "standard"
+
+    def __init__(self, he: losses.HE | None = None):
+        self._set_he(he)
+
+    def __call__(self, model, batch, state):
+        self._check_head(model)
+        out = model(batch.x)
+        loss = self._ce(out, batch.y)
+        return loss, {"loss": loss.detach(), "acc": losses.accuracy(out.detach(), batch.y)}
 
 
-class PGDATHE(_HE):
-    """PGD-AT+HE: CE(s·(cos θ(x_adv) − m·1_y), y), x_adv from PGD on CE(s·cos θ, y).
-    Official defaults s = 10, m = 0.2."""
+class PGDAT(Objective):
+    """Madry et al. (2018): cross-entropy on PGD adversarial examples only.
 
-    name = "pgd_at_he"
+    With ``he`` (PGD-AT+HE, official ``pgd_loss(loss='pgd_he')``): PGD ascends CE(s·cos θ, y)
+    without the margin, and the loss is CE(s·(cos θ(x_adv) − m·1_y), y)."""
 
-    def __init__(self, s=10.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf"):
-        self.s, self.m = float(s), float(m)
+    name = "pgd_at"
+
+    def __init__(self, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", he=None):
         self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+        self._set_he(he)
 
     def __call__(self, model, batch, state):
         from repro import attacks
-        self._check(model)
-        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+        self._check_head(model)
+        x_adv = attacks.pgd(self._attack_model(model), batch.x, batch.y, eps=self.eps,
                             alpha=self.alpha, steps=self.steps, norm=self.norm,
                             generator=state.generator)
-        cos = model(x_adv)
-        loss = losses.he_cross_entropy(cos, batch.y, self.s, self.m)
-        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(cos.detach(), batch.y)}
+        out = model(x_adv)
+        loss = self._ce(out, batch.y)
+        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(out.detach(), batch.y)}
 
 
-class TRADESHE(_HE):
-    """TRADES+HE: CE(s·(cos θ(x) − m·1_y), y) + β·KL(p_s(x) || p_s(x_adv)), p_s = softmax of
-    s·cos θ (no margin in the KL term); x_adv maximises that KL. Official defaults β = 6,
-    s = 15, m = 0.2."""
+class TRADES(Objective):
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), x_adv maximising the KL.
 
-    name = "trades_he"
+    The attack starts uniformly in the eps-ball (repro.attacks' random start) where the
+    official code starts at x + 0.001 * N(0, 1); both then take ``steps`` signed steps.
 
-    def __init__(self, beta=6.0, s=15.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10,
-                 norm="linf"):
-        self.beta, self.s, self.m = float(beta), float(s), float(m)
-        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+    With ``he`` (TRADES+HE, official ``trades_loss(loss='trades_he')``): the natural term is
+    HE's margin loss on the clean cosines; the KL term, and the attack that maximises it,
+    use softmax(s·cos θ) without margin."""
+
+    name = "trades"
+
+    def __init__(self, beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", he=None):
+        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
+        self._set_he(he)
 
     def __call__(self, model, batch, state):
         from repro import attacks
-        self._check(model)
-        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+        self._check_head(model)
+        x_adv = attacks.pgd(self._attack_model(model), batch.x, batch.y, eps=self.eps,
                             alpha=self.alpha, steps=self.steps, norm=self.norm, loss="kl",
                             generator=state.generator)
-        cos_clean, cos_adv = model(batch.x), model(x_adv)
-        natural = losses.he_cross_entropy(cos_clean, batch.y, self.s, self.m)
-        robust = losses.trades_kl(self.s * cos_adv.float(), self.s * cos_clean.float())
+        out_clean = model(batch.x)
+        out_adv = model(x_adv)
+        natural = self._ce(out_clean, batch.y)
+        robust = losses.trades_kl(self._logits(out_adv), self._logits(out_clean))
         loss = natural + self.beta * robust
         return loss, {"loss": loss.detach(), "natural": natural.detach(), "kl": robust.detach(),
-                      "acc": losses.accuracy(cos_clean.detach(), batch.y),
-                      "adv_acc": losses.accuracy(cos_adv.detach(), batch.y)}
+                      "acc": losses.accuracy(out_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(out_adv.detach(), batch.y)}
 
 
-class ALPHE(_HE):
-    """ALP+HE: (1 − w)·CE_m(x) + w·CE_m(x_adv) + β·||s·cos θ(x) − s·cos θ(x_adv)||², CE_m the
-    margin loss CE(s·(cos θ − m·1_y), y), the pairing on the scaled logits (no margin), x_adv
-    from PGD on CE(s·cos θ, y). Official defaults β = 0.5, s = 20, m = 0.3."""
+class ALP(Objective):
+    """Adversarial logit pairing (Kannan et al. 2018), in HE's form (official ``alp_loss``):
+    (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y) + beta * mean_{batch, classes}(f(x) - f(x_adv))²
+    (``losses.logit_pairing`` = ``F.mse_loss``), with w = ``adv_weight`` (0.5: the
+    mixed-batch version) and x_adv from a CE PGD attack.
 
-    name = "alp_he"
+    With ``he`` (ALP+HE, official ``alp_loss(loss='alp_he')``): both cross-entropies take
+    HE's margin, the attack ascends CE(s·cos θ) without it, and the pairing acts on the
+    unscaled cosines (the model's output), as the official code."""
 
-    def __init__(self, beta=0.5, s=20.0, m=0.3, eps=8 / 255, alpha=2 / 255, steps=10,
-                 norm="linf", adv_weight=0.5):
-        self.beta, self.s, self.m = float(beta), float(s), float(m)
-        self.eps, self.alpha, self.steps, self.norm = eps, alpha, steps, norm
+    name = "alp"
+
+    def __init__(self, beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
+                 adv_weight=0.5, he=None):
+        self.beta, self.eps, self.alpha, self.steps, self.norm = beta, eps, alpha, steps, norm
         self.adv_weight = adv_weight
+        # Not an option: it keys the results cache, so runs made before the pairing became
+        # the official mean over classes (it summed over them) are not reused.
+        self.pairing = "mse"
+        self._set_he(he)
 
     def __call__(self, model, batch, state):
         from repro import attacks
-        self._check(model)
-        x_adv = attacks.pgd(ScaledLogits(model, self.s), batch.x, batch.y, eps=self.eps,
+        self._check_head(model)
+        x_adv = attacks.pgd(self._attack_model(model), batch.x, batch.y, eps=self.eps,
                             alpha=self.alpha, steps=self.steps, norm=self.norm,
                             generator=state.generator)
-        cos_clean, cos_adv = model(batch.x), model(x_adv)
-        ce_clean = losses.he_cross_entropy(cos_clean, batch.y, self.s, self.m)
-        ce_adv = losses.he_cross_entropy(cos_adv, batch.y, self.s, self.m)
-        pairing = losses.logit_pairing(self.s * cos_adv.float(), self.s * cos_clean.float())
+        out_clean = model(batch.x)
+        out_adv = model(x_adv)
+        ce_clean = self._ce(out_clean, batch.y)
+        ce_adv = self._ce(out_adv, batch.y)
+        pairing = losses.logit_pairing(out_adv, out_clean)
         loss = (1 - self.adv_weight) * ce_clean + self.adv_weight * ce_adv + self.beta * pairing
         return loss, {"loss": loss.detach(), "pairing": pairing.detach(),
-                      "acc": losses.accuracy(cos_clean.detach(), batch.y),
-                      "adv_acc": losses.accuracy(cos_adv.detach(), batch.y)}
+                      "acc": losses.accuracy(out_clean.detach(), batch.y),
+                      "adv_acc": losses.accuracy(out_adv.detach(), batch.y)}
 
 
-def pgd_at_he(s=10.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf") -> PGDATHE:
-    return PGDATHE(s, m, eps, alpha, steps, norm)
+class FGSMRS(Objective):
+    """"Fast is better than free" (Wong et al. 2020): one FGSM step of size ``alpha`` from a
+    uniform random start in the eps-ball, projected back; CE on the result.
+
+    With ``he`` (FastAT+HE): as PGD-AT+HE, the step ascends CE(s·cos θ) without margin and
+    the loss is HE's margin loss. (The paper's FreeAT+HE, ImageNet ``main_free.py``, reuses
+    the training gradient, so its perturbation follows the margin loss itself.)"""
+
+    name = "fgsm_rs"
+
+    def __init__(self, eps=8 / 255, alpha=10 / 255, he=None):
+        self.eps, self.alpha = eps, alpha
+        self._set_he(he)
+
+    def __call__(self, model, batch, state):
+        from repro import attacks
+        self._check_head(model)
+        x_adv = attacks.fgsm(self._attack_model(model), batch.x, batch.y, eps=self.eps,
+                             random_start=True, alpha=self.alpha, generator=state.generator)
+        out = model(x_adv)
+        loss = self._ce(out, batch.y)
+        return loss, {"loss": loss.detach(), "adv_acc": losses.accuracy(out.detach(), batch.y)}
 
 
-def trades_he(beta=6.0, s=15.0, m=0.2, eps=8 / 255, alpha=2 / 255, steps=10,
-              norm="linf") -> TRADESHE:
-    return TRADESHE(beta, s, m, eps, alpha, steps, norm)
+# HE's official hyperparameters per base method (ShawnXYang/AT_HE, CIFAR-10/README.md at
+# d3e9776): PGD-AT+HE s=10 m=0.2, TRADES+HE s=15 m=0.2, ALP+HE s=20 m=0.3. FGSM-RS and
+# standard training have no CIFAR setting there; they take ImageNet FreeAT+HE's defaults
+# (ImageNet/main_free.py: s_HE=10, angular_margin_HE=0.2).
+HE_DEFAULTS = {"pgd_at": (10.0, 0.2), "trades": (15.0, 0.2), "alp": (20.0, 0.3),
+               "fgsm_rs": (10.0, 0.2), "standard": (10.0, 0.2), "bat": (10.0, 0.2)}
 
 
-def alp_he(beta=0.5, s=20.0, m=0.3, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
-           adv_weight=0.5) -> ALPHE:
-    return ALPHE(beta, s, m, eps, alpha, steps, norm, adv_weight)
+def default_he(base: str, s=None, m=None, weight_norm="project") -> losses.HE:
+    """``losses.HE`` with the official s and m of ``base`` unless given."""
+    s0, m0 = HE_DEFAULTS[base]
+    return losses.HE(float(s0 if s is None else s), float(m0 if m is None else m), weight_norm)
 
 
-OBJECTIVES.update(pgd_at_he=pgd_at_he, trades_he=trades_he, alp_he=alp_he)
+def standard(he=None) -> Standard:
+    return Standard(he)
+
+
+def pgd_at(eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", he=None) -> PGDAT:
+    return PGDAT(eps, alpha, steps, norm, he)
+
+
+def trades(beta=6.0, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", he=None) -> TRADES:
+    return TRADES(beta, eps, alpha, steps, norm, he)
+
+
+def alp(beta=0.5, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf", adv_weight=0.5,
+        he=None) -> ALP:
+    return ALP(beta, eps, alpha, steps, norm, adv_weight, he)
+
+
+def fgsm_rs(eps=8 / 255, alpha=10 / 255, he=None) -> FGSMRS:
+    return FGSMRS(eps, alpha, he)
+
+
+OBJECTIVES = {"standard": standard, "pgd_at": pgd_at, "trades": trades, "alp": alp,
+              "fgsm_rs": fgsm_rs}
+
+
+def build(name: str, **kw) -> Objective:
+    """An objective by name, e.g. ``build("trades", beta=6)``. ``<base>_he`` composes HE with
+    the base method, taking ``s``, ``m`` (official values of the base by default, see
+    ``HE_DEFAULTS``) and ``weight_norm``: ``build("pgd_at_he")`` is
+    ``pgd_at(he=losses.HE(10, 0.2))``."""
+    if name.endswith("_he") and name[:-3] in OBJECTIVES and name[:-3] in HE_DEFAULTS:
+        base = name[:-3]
+        he = default_he(base, kw.pop("s", None), kw.pop("m", None),
+                        kw.pop("weight_norm", "project"))
+        return OBJECTIVES[base](he=he, **kw)
+    if name not in OBJECTIVES:
+        names = list(OBJECTIVES) + [f"{b}_he" for b in OBJECTIVES if b in HE_DEFAULTS]
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(names)}")
+    return OBJECTIVES[name](**kw)
 
 
 class AdvProp(Objective):
@@ -325,12 +326,25 @@ class AdvProp(Objective):
     BatchNorms, and PGD adversarial images, generated and normalised with the auxiliary BNs
     (``repro.models.norms.bn_route``); the loss is the equal-weight mean of the two
     cross-entropies (the paper sums them; the mean keeps the learning rate comparable with
-    vanilla training). Inference uses the main BNs only (a model's default route).
+    vanilla training, and is what the PyTorch port computes: one CE mean over the
+    concatenated clean + adversarial batch). Inference uses the main BNs only.
 
-    The attacker is the paper's: L-inf PGD, ``eps`` in {1..4}/255, ``steps`` = eps·255 + 1
-    (default), step 1/255, random start, run with the model in eval mode (so the attack reads
-    the auxiliary running statistics and changes no statistic). ``targeted=True`` attacks a
-    uniformly random wrong label (drawn from ``state.generator``), as in the PyTorch port.
+    ``attacker="pgd"`` (default) is the attacker the paper describes: L-inf PGD, ``eps`` in
+    {1..4}/255, ``steps`` = eps·255 + 1 (default), step 1/255, uniform random start, run with
+    the model in eval mode (so the attack reads the auxiliary running statistics and changes
+    no statistic). It ascends the loss of the true label, or with ``targeted=True`` descends
+    the loss of a uniformly random *wrong* label.
+
+    ``attacker="port"`` is the PyTorch port's attacker (github.com/tingxueronghua/
+    pytorch-classification-advprop, ``attacker.py`` ``PGDAttacker`` at d0f6b04, used with
+    ``prob_start_from_clean=0.2`` by ``imagenet.py``): always targeted, towards
+    (y + U{0..K-1}) mod K, which is y itself with probability 1/K (the step then *lowers* the
+    true label's loss); and it starts at a uniform random point of the eps-ball on a whole
+    batch only when a standard normal draw exceeds 0.2, i.e. with probability
+    1 − Φ(0.2) ≈ 0.42 (``PORT_START_PROB``), else at the clean images. The draw comes from a
+    CPU generator seeded with ``state.generator``'s seed: reproducible, resumable, and no
+    device sync. Step count and size are ``steps`` / ``alpha`` as for "pgd" (the port's
+    ``run.sh`` trains ResNet-50 with one step of 1/255 at eps 1/255).
 
     ``aux_bn=False`` is the paper's "preliminary way" (Sec. 3/4.1): the same attack, but one
     shared BN sees clean and adversarial images together in one concatenated batch. With
@@ -338,14 +352,32 @@ class AdvProp(Objective):
     """
 
     name = "advprop"
+    ATTACKERS = ("pgd", "port")
+    # P(N(0, 1) > 0.2): how often the port's attack starts from noise (attacker.py compares a
+    # standard normal draw with prob_start_from_clean = 0.2)
+    PORT_START_PROB = 0.42074029056089696
 
-    def __init__(self, eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True):
+    def __init__(self, eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True,
+                 attacker="pgd"):
+        if attacker not in self.ATTACKERS:
+            raise ValueError(f"attacker must be one of {self.ATTACKERS}, got {attacker!r}")
         self.eps, self.alpha = float(eps), float(alpha)
         self.steps = int(steps) if steps is not None else int(round(self.eps * 255)) + 1
-        self.targeted, self.aux_bn = bool(targeted), bool(aux_bn)
+        self.targeted, self.aux_bn = bool(targeted or attacker == "port"), bool(aux_bn)
+        self._attacker = attacker
         self._checked = None
         if not self.aux_bn:
             self.name = "advprop_shared_bn"
+
+    @property
+    def attacker(self) -> str:
+        return self._attacker
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        if self._attacker != "pgd":  # absent for the default: published run keys stay valid
+            cfg["attacker"] = self._attacker
+        return cfg
 
     def _check(self, model):
         if self._checked is model:
@@ -357,20 +389,46 @@ class AdvProp(Objective):
                              "layers (build(..., norm='dual_bn'))")
         self._checked = model
 
+    def _num_classes(self, model, x) -> int:
+        head = getattr(model, "head", None)
+        n = getattr(head, "out_features", None)
+        if n is not None:
+            return int(n)
+        from repro import attacks
+        with attacks.eval_mode(model), torch.no_grad():
+            return int(model(x[:1]).shape[1])
+
+    def targets(self, model, x, y, generator=None) -> torch.Tensor:
+        """The labels the attack aims at: y (untargeted), a random wrong label
+        (``targeted``, "pgd"), or the port's (y + U{0..K-1}) mod K."""
+        if not self.targeted:
+            return y
+        k = self._num_classes(model, x)
+        dev = generator.device if generator is not None else y.device
+        low = 0 if self._attacker == "port" else 1
+        shift = torch.randint(low, k, y.shape, generator=generator, device=dev)
+        return (y + shift.to(y.device)) % k
+
+    def random_start(self, generator=None) -> bool:
+        """Whether this batch's attack starts from a random point ("port": one draw per
+        batch from a CPU generator, so no device sync; "pgd": always)."""
+        if self._attacker == "pgd":
+            return True
+        cpu = torch.Generator()
+        cpu.manual_seed(generator.initial_seed() if generator is not None
+                        else int(torch.randint(2 ** 62, ()).item()))
+        return bool(torch.rand((), generator=cpu).item() < self.PORT_START_PROB)
+
     def attack(self, model, x, y, generator=None):
         """The adversarial half of a batch (auxiliary BNs when ``aux_bn``)."""
         from repro import attacks
         from repro.models.norms import bn_route
-        target = y
-        if self.targeted:
-            with attacks.eval_mode(model), torch.no_grad():
-                n_classes = model(x[:1]).shape[1]
-            dev = generator.device if generator is not None else y.device
-            shift = torch.randint(1, n_classes, y.shape, generator=generator, device=dev)
-            target = (y + shift.to(y.device)) % n_classes
+        start = self.random_start(generator)
+        target = self.targets(model, x, y, generator)
         with bn_route(model, "aux" if self.aux_bn else "main"):
             return attacks.pgd(model, x, target, eps=self.eps, alpha=self.alpha,
-                               steps=self.steps, targeted=self.targeted, generator=generator)
+                               steps=self.steps, targeted=self.targeted, random_start=start,
+                               generator=generator)
 
     def __call__(self, model, batch, state):
         from repro.models.norms import bn_route
@@ -392,13 +450,15 @@ class AdvProp(Objective):
                       "adv_acc": losses.accuracy(logits_adv.detach(), batch.y)}
 
 
-def advprop(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True) -> AdvProp:
-    return AdvProp(eps, alpha, steps, targeted, aux_bn)
+def advprop(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False, aux_bn=True,
+            attacker="pgd") -> AdvProp:
+    return AdvProp(eps, alpha, steps, targeted, aux_bn, attacker)
 
 
-def advprop_shared_bn(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False) -> AdvProp:
+def advprop_shared_bn(eps=1 / 255, alpha=1 / 255, steps=None, targeted=False,
+                      attacker="pgd") -> AdvProp:
     """The "preliminary way": adversarial training on clean + adversarial, one shared BN."""
-    return AdvProp(eps, alpha, steps, targeted, aux_bn=False)
+    return AdvProp(eps, alpha, steps, targeted, aux_bn=False, attacker=attacker)
 
 
 OBJECTIVES["advprop"] = advprop
@@ -415,13 +475,18 @@ class BAT(Objective):
     ``atypical``: one bool per training example (mem(x_i) > t, see ``repro.memorization``),
     looked up with ``batch.index``. Its count and a digest go into ``config()`` so a run's
     cache key changes with the split.
+
+    With ``he`` (BAT+HE, our composition; the HE paper has no BAT): the attack ascends
+    CE(s·cos θ), the weights read softmax(s·cos θ(x_adv)), the weighted loss is HE's margin
+    loss, and the discrimination loss acts on the (un-normalised) penultimate features.
     """
 
     name = "bat"
 
     def __init__(self, atypical, alpha=1.0, beta=0.2, tau=0.5, eps=8 / 255, step=2 / 255,
-                 steps=10, norm="linf"):
+                 steps=10, norm="linf", he=None):
         import hashlib
+        self._set_he(he)
         import numpy as np
         flags = np.asarray(atypical.cpu() if torch.is_tensor(atypical) else atypical, dtype=bool)
         self._atypical = torch.from_numpy(flags)
@@ -435,11 +500,14 @@ class BAT(Objective):
         if self._atypical.device != batch.index.device:
             self._atypical = self._atypical.to(batch.index.device)
         atyp = self._atypical[batch.index]
-        x_adv = attacks.pgd(model, batch.x, batch.y, eps=self.eps, alpha=self.step,
-                            steps=self.steps, norm=self.norm, generator=state.generator)
+        self._check_head(model)
+        x_adv = attacks.pgd(self._attack_model(model), batch.x, batch.y, eps=self.eps,
+                            alpha=self.step, steps=self.steps, norm=self.norm,
+                            generator=state.generator)
         logits, feats = model(x_adv, return_features=True)
-        w = losses.bat_weights(logits, batch.y, atyp, self.alpha)
-        ce = losses.weighted_cross_entropy(logits, batch.y, w)
+        w = losses.bat_weights(self._logits(logits), batch.y, atyp, self.alpha)
+        ce_logits = logits if self._he is None else self._he.margin_logits(logits, batch.y)
+        ce = losses.weighted_cross_entropy(ce_logits, batch.y, w)
         dl = (losses.discrimination_loss(feats, batch.y, ~atyp, tau=self.tau)
               if self.beta else ce.new_zeros(()))
         loss = ce + self.beta * dl
@@ -452,8 +520,8 @@ class BAT(Objective):
 
 
 def bat(atypical, alpha=1.0, beta=0.2, tau=0.5, eps=8 / 255, step=2 / 255, steps=10,
-        norm="linf") -> BAT:
-    return BAT(atypical, alpha, beta, tau, eps, step, steps, norm)
+        norm="linf", he=None) -> BAT:
+    return BAT(atypical, alpha, beta, tau, eps, step, steps, norm, he)
 
 
 OBJECTIVES["bat"] = bat

@@ -109,6 +109,70 @@ def test_attacker_settings_and_targeted_labels(batch):
     assert ((batch.y + shift) % 10 != batch.y).all()
 
 
+def test_port_attacker_targets_and_starts_as_the_pytorch_port(batch, monkeypatch):
+    """attacker="port" (tingxueronghua/pytorch-classification-advprop attacker.py): target
+    (y + U{0..K-1}) mod K, which is y with probability 1/K; a uniform random start for the
+    whole batch with probability P(N(0,1) > 0.2) ≈ 0.42, else the clean images."""
+    from repro import attacks
+    import math
+    port = objectives.advprop(eps=2 / 255, attacker="port")
+    assert port.targeted and port.attacker == "port"
+    assert port.config()["attacker"] == "port"
+    assert "attacker" not in objectives.advprop(eps=2 / 255).config()
+    assert port.PORT_START_PROB == pytest.approx(0.5 * math.erfc(0.2 / math.sqrt(2)), abs=1e-12)
+    with pytest.raises(ValueError, match="attacker"):
+        objectives.advprop(attacker="fgsm")
+    m = model()
+    # targets: the port's draw, y included; the paper-style targeted draw never gives y
+    y = batch.y.repeat(50)
+    x = batch.x[:1].expand(len(y), -1, -1, -1)
+    t_port = port.targets(m, x, y, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(t_port, (y + torch.randint(0, 10, y.shape, generator=g)) % 10)
+    assert 0.06 < (t_port == y).float().mean() < 0.14  # 1/K = 0.1 of 1600 draws
+    wrong = objectives.advprop(eps=2 / 255, targeted=True).targets(
+        m, x, y, torch.Generator().manual_seed(0))
+    assert (wrong != y).all()
+    # the start: one draw per batch, from the generator's seed, ~42% random
+    starts = [port.random_start(torch.Generator().manual_seed(i)) for i in range(2000)]
+    assert 0.38 < sum(starts) / len(starts) < 0.46
+    assert starts == [port.random_start(torch.Generator().manual_seed(i)) for i in range(2000)]
+    assert objectives.advprop(eps=2 / 255).random_start(torch.Generator()) is True
+    # and the attack uses them: targeted PGD with the port's start flag
+    seen = []
+    real = attacks.pgd
+
+    def spy(*a, **kw):
+        seen.append((kw["targeted"], kw["random_start"]))
+        return real(*a, **kw)
+    monkeypatch.setattr(attacks, "pgd", spy)
+    for i in range(6):
+        x_adv = port.attack(m, batch.x, batch.y, torch.Generator().manual_seed(i))
+        assert (x_adv - batch.x).abs().max() <= 2 / 255 + 1e-6
+    assert seen == [(True, starts[i]) for i in range(6)]
+
+
+def test_chapter_runs_with_the_port_attacker_are_other_runs():
+    from repro.experiments import advprop as chapter
+    cfg = chapter.SPEC.resolve("smoke")
+    obj = chapter._objective("advprop", 1, False, "port")
+    assert obj.attacker == "port" and obj.steps == 2
+    assert chapter._objective("vanilla", None, False, "port").config() == {"name": "standard"}
+    assert "attacker" not in chapter.run_key(cfg, "advprop", 8, 0, 1)
+    assert chapter.run_key(cfg, "advprop", 8, 0, 1, "port")["attacker"] == "port"
+    assert "attacker" not in chapter.run_key(cfg, "vanilla", 8, 0, None, "port")
+    with pytest.raises(ValueError, match="attacker"):
+        chapter.run("smoke", attacker="fgsm")
+
+
+def test_differences_from_the_official_code_are_recorded():
+    from repro.experiments import advprop as chapter
+    keys = {"aspect", "official", "ours", "why", "source"}
+    assert len(chapter.DIFFERENCES) >= 3
+    for d in chapter.DIFFERENCES:
+        assert set(d) == keys and all(isinstance(v, str) and v.strip() for v in d.values()), d
+
+
 def test_inference_uses_main_bn(batch):
     m = model().eval()
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_training_attack_sees_scaled_logits_without_margin(cifar10, monkeypatch)
     x = cifar10.x_train[:8].float() / 255
     batch = Batch(x, cifar10.y_train[:8], torch.arange(8))
     model.eval()
-    loss, _ = objectives.pgd_at_he(s=10, m=0.2)(model, batch, _state())
+    loss, _ = objectives.pgd_at(he=losses.HE(10, 0.2))(model, batch, _state())
     assert seen == {"ratio": pytest.approx(10.0, rel=1e-5), "loss": "ce"}
     # ... and the training loss is the margin loss on the (here unperturbed) batch
     with torch.no_grad():
@@ -78,24 +78,45 @@ def test_training_attack_sees_scaled_logits_without_margin(cifar10, monkeypatch)
 
 def test_official_defaults_and_registry():
     p, t, a = objectives.build("pgd_at_he"), objectives.build("trades_he"), objectives.build("alp_he")
-    assert (p.s, p.m) == (10.0, 0.2)
-    assert (t.beta, t.s, t.m) == (6.0, 15.0, 0.2)
-    assert (a.beta, a.s, a.m) == (0.5, 20.0, 0.3)
-    assert p.config()["name"] == "pgd_at_he" and p.config()["s"] == 10.0
+    assert isinstance(p, objectives.PGDAT) and isinstance(t, objectives.TRADES)
+    assert isinstance(a, objectives.ALP)
+    assert (p.he.s, p.he.m) == (10.0, 0.2)
+    assert (t.beta, t.he.s, t.he.m) == (6.0, 15.0, 0.2)
+    assert (a.beta, a.he.s, a.he.m) == (0.5, 20.0, 0.3)
+    assert p.he.weight_norm == "project"
+    assert p.config() == {"name": "pgd_at_he", "eps": 8 / 255, "alpha": 2 / 255, "steps": 10,
+                          "norm": "linf", "s": 10.0, "m": 0.2, "weight_norm": "project"}
+    assert objectives.build("pgd_at_he", s=5, m=0.1).he == losses.HE(5.0, 0.1)
+    assert objectives.build("fgsm_rs_he").config()["name"] == "fgsm_rs_he"
+    assert objectives.build("standard_he").he == losses.HE(10.0, 0.2)
+    assert objectives.pgd_at().he is None and "s" not in objectives.pgd_at().config()
+    for bad in (dict(s=0.0), dict(m=-0.1), dict(weight_norm="lazy")):
+        with pytest.raises(ValueError):
+            losses.HE(**bad)
+    with pytest.raises(TypeError, match="HE"):
+        objectives.pgd_at(he=(10, 0.2))
 
 
-def test_he_objectives_refuse_a_linear_head(mnist):
+def test_he_objectives_refuse_a_linear_head_or_another_weight_norm(mnist):
     model = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=4)
     batch = Batch(mnist.x_train[:4].float() / 255, mnist.y_train[:4], torch.arange(4))
     with pytest.raises(ValueError, match="hypersphere"):
-        objectives.pgd_at_he(steps=1)(model, batch, _state())
+        objectives.pgd_at(steps=1, he=losses.HE())(model, batch, _state())
+    graph = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=4,
+                         head="hypersphere_graph")
+    with pytest.raises(ValueError, match="graph"):
+        objectives.pgd_at(steps=1, he=losses.HE())(graph, batch, _state())
+    objectives.pgd_at(steps=1, he=losses.HE(weight_norm="graph"))(graph, batch, _state())
 
 
-@pytest.mark.parametrize("name", ["pgd_at_he", "trades_he", "alp_he"])
-def test_he_objectives_train_on_a_real_batch(mnist, name):
+@pytest.mark.parametrize("name", ["standard_he", "pgd_at_he", "trades_he", "alp_he",
+                                  "fgsm_rs_he"])
+def test_he_compositions_train_on_a_real_batch(mnist, name):
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=8, head="hypersphere")
-    objective = objectives.build(name, eps=0.1, alpha=0.04, steps=3)
+    kw = {} if name == "standard_he" else (dict(eps=0.1, alpha=0.125) if name == "fgsm_rs_he"
+                                           else dict(eps=0.1, alpha=0.04, steps=3))
+    objective = objectives.build(name, **kw)
     batch = Batch(mnist.x_train[:64].float() / 255, mnist.y_train[:64], torch.arange(64))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
@@ -110,6 +131,116 @@ def test_he_objectives_train_on_a_real_batch(mnist, name):
     assert model.training  # the attack restored the train mode
     final = objective(model, batch, _state(99))[0].item()
     assert final < first
+    norms = model.head.weight.detach().norm(dim=1)  # projected head: rows on the sphere
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- compositions
+# Every HE composition against a formula written out here, on fixed hand-made tensors: a
+# 4-input linear body and a 3-feature hypersphere head with 5 classes, fixed weights.
+
+class _Tiny(models.FeatureClassifier):
+    def __init__(self, head="hypersphere"):
+        super().__init__()
+        self.normalize = torch.nn.Identity()
+        self.lin = torch.nn.Linear(4, 3)
+        self.head = (models.HypersphereHead(3, 5) if head == "hypersphere"
+                     else torch.nn.Linear(3, 5))
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.3, 0.8, -1.0, 2.0],
+                                                [-1.5, 0.2, 0.7, 1.1]]))
+            self.lin.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+            self.head.weight.copy_(torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.5, 0.5],
+                                                 [-1.0, 1.0, 0.0], [0.3, -0.6, 0.9],
+                                                 [1.0, 1.0, -1.0]]))
+
+    def body(self, x):
+        return self.lin(x.flatten(1))
+
+
+X = torch.tensor([[0.1, 0.9, 0.4, 0.3], [0.8, 0.2, 0.6, 0.1], [0.5, 0.5, 0.2, 0.9],
+                  [0.3, 0.7, 0.8, 0.4], [0.9, 0.1, 0.3, 0.6], [0.2, 0.4, 0.9, 0.7]])
+Y = torch.tensor([0, 1, 2, 3, 4, 1])
+DELTA = 0.05 * torch.tensor([[1, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, 1],
+                             [-1, 1, 1, -1], [1, -1, -1, 1], [-1, 1, -1, -1]], dtype=torch.float)
+X_ADV = (X + DELTA).clamp(0, 1)
+
+
+def _ce_margin(cos, y, s, m):
+    """-log softmax(s·(cos − m·1_y))_y, per example, written out."""
+    z = s * cos.clone()
+    z[torch.arange(len(y)), y] -= s * m
+    return torch.logsumexp(z, 1) - z[torch.arange(len(y)), y]
+
+
+def _spy_attacks(monkeypatch, model, seen):
+    def spy(m, x, y, **kw):
+        with torch.no_grad():
+            seen["scale"] = (m(x).float() / model(x).float()).mean().item()
+        seen["loss"] = kw.get("loss", "ce")
+        seen["random_start"] = kw.get("random_start", True)
+        return X_ADV.clone()
+    monkeypatch.setattr(attacks, "pgd", spy)
+    monkeypatch.setattr(attacks, "fgsm", spy)
+
+
+@pytest.mark.parametrize("base", ["standard", "pgd_at", "trades", "alp", "fgsm_rs", "bat"])
+def test_each_he_composition_is_its_formula(monkeypatch, base):
+    s, m, beta, alpha = 7.0, 0.25, 0.8, 1.5
+    he = losses.HE(s, m)
+    kw = {"trades": dict(beta=beta), "alp": dict(beta=beta)}.get(base, {})
+    if base == "bat":
+        atypical = torch.tensor([True, False, True, True, False, True])
+        objective = objectives.bat(atypical, alpha=alpha, beta=0.0, he=he)
+    else:
+        objective = objectives.OBJECTIVES[base](he=he, **kw)
+    model = _Tiny().eval()
+    seen = {}
+    _spy_attacks(monkeypatch, model, seen)
+    loss, _ = objective(model, Batch(X, Y, torch.arange(6)), _state())
+    with torch.no_grad():
+        cos_c, cos_a = model(X), model(X_ADV)
+    assert cos_c.abs().max() <= 1 and not torch.allclose(cos_c, cos_a)
+    if base == "standard":
+        expected = _ce_margin(cos_c, Y, s, m).mean()
+        assert seen == {}  # no attack
+    elif base in ("pgd_at", "fgsm_rs"):
+        expected = _ce_margin(cos_a, Y, s, m).mean()
+    elif base == "trades":
+        log_pc, log_pa = F.log_softmax(s * cos_c, 1), F.log_softmax(s * cos_a, 1)
+        kl = (log_pc.exp() * (log_pc - log_pa)).sum(1).mean()  # no margin in the KL
+        expected = _ce_margin(cos_c, Y, s, m).mean() + beta * kl
+    elif base == "alp":  # margin in both CEs, pairing on the unscaled cosines
+        expected = (0.5 * _ce_margin(cos_c, Y, s, m).mean() + 0.5 * _ce_margin(cos_a, Y, s, m).mean()
+                    + beta * ((cos_c - cos_a) ** 2).mean())
+    else:  # bat: weights from softmax(s·cos θ(x_adv)), normalised weighted margin CE
+        p = F.softmax(s * cos_a, 1)
+        top_other = p.masked_fill(F.one_hot(Y, 5).bool(), -1).amax(1)
+        wrong = cos_a.argmax(1) != Y
+        w = torch.where(atypical & wrong, torch.exp(-alpha * top_other), torch.ones(6))
+        assert (w < 1).any()  # the weighting is exercised
+        expected = (w * _ce_margin(cos_a, Y, s, m)).sum() / w.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if base != "standard":  # the attack saw s·cos θ with no margin, and its own loss
+        assert seen["scale"] == pytest.approx(s, rel=1e-5)
+        assert seen["loss"] == ("kl" if base == "trades" else "ce")
+    # the margin matters: the same objective with m = 0 gives another loss
+    objective._he = losses.HE(s, 0.0)
+    assert objective(model, Batch(X, Y, torch.arange(6)), _state())[0].item() != pytest.approx(
+        loss.item(), rel=1e-3)
+
+
+def test_alp_without_he_pairs_logits_with_the_official_mse(monkeypatch):
+    model = _Tiny(head="linear").eval()
+    seen = {}
+    _spy_attacks(monkeypatch, model, seen)
+    loss, logs = objectives.alp(beta=0.5)(model, Batch(X, Y, torch.arange(6)), _state())
+    with torch.no_grad():
+        z_c, z_a = model(X), model(X_ADV)
+    expected = (0.5 * F.cross_entropy(z_c, Y) + 0.5 * F.cross_entropy(z_a, Y)
+                + 0.5 * F.mse_loss(z_c, z_a))
+    assert seen["scale"] == pytest.approx(1.0) and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert logs["pairing"].item() == pytest.approx(F.mse_loss(z_c, z_a).item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the chapter
@@ -119,18 +250,28 @@ def test_chapter_builds_each_run_with_the_right_head_and_objective(cifar10):
     cfg = he.SPEC.resolve("laptop")
     assert he.run_names(cfg["variants"]) == ["pgd_at", "pgd_at_he", "trades", "trades_he",
                                              "alp", "alp_he"]
-    for name, cls, s, m in [("pgd_at_he", objectives.PGDATHE, 10, 0.2),
-                            ("trades_he", objectives.TRADESHE, 15, 0.2),
-                            ("alp_he", objectives.ALPHE, 20, 0.3)]:
+    for name, cls, s, m in [("pgd_at_he", objectives.PGDAT, 10, 0.2),
+                            ("trades_he", objectives.TRADES, 15, 0.2),
+                            ("alp_he", objectives.ALP, 20, 0.3)]:
         obj = he.make_objective(name, cfg)
-        assert isinstance(obj, cls) and (obj.s, obj.m) == (s, m)
+        assert isinstance(obj, cls) and obj.he == losses.HE(s, m, "project")
         assert obj.eps == pytest.approx(8 / 255) and obj.steps == cfg["train_steps"]
-        assert he.make_objective(name, {**cfg, "s": 5.0, "m": 0.1}).s == 5.0
-    assert isinstance(he.make_objective("trades", cfg), objectives.TRADES)
+        assert he.make_objective(name, {**cfg, "s": 5.0, "m": 0.1}).he.s == 5.0
+        base = he.make_objective(name[:-3], cfg)
+        assert type(base) is cls and base.he is None
     assert he.make_objective("alp", cfg).beta == 0.5
     small = {**cfg, "width": 4}
-    heads = {he_: type(he._model_fn(small, cifar10, he_)().head).__name__ for he_ in (False, True)}
-    assert heads == {False: "Linear", True: "HypersphereHead"}
+    heads = {he_: he._model_fn(small, cifar10, he_)().head for he_ in (False, True)}
+    assert type(heads[False]).__name__ == "Linear"
+    assert type(heads[True]).__name__ == "HypersphereHead" and heads[True].weight_norm == "project"
+
+
+def test_differences_from_the_official_code_are_recorded():
+    from repro.experiments import he
+    keys = {"aspect", "official", "ours", "why", "source"}
+    assert len(he.DIFFERENCES) >= 3
+    for d in he.DIFFERENCES:
+        assert set(d) == keys and all(isinstance(v, str) and v.strip() for v in d.values()), d
 
 
 def _fake_result(correct: dict, aa: bool = True):

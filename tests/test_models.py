@@ -70,6 +70,50 @@ def test_hypersphere_logits_are_cosines():
         assert model(torch.rand(2, 3, 32, 32)).dtype == torch.float32
 
 
+def test_hypersphere_head_projects_its_rows_as_the_official_code():
+    """weight_norm="project" (AT_HE models/wideresnet.py: weight.data = normalize(weight) in
+    forward): rows become unit at each forward and the gradient is the plain linear layer's
+    at those rows; "graph" normalises inside the autograd graph and leaves the rows alone."""
+    torch.manual_seed(0)
+    f = torch.randn(6, 5)
+    w0 = torch.randn(4, 5) * 0.3
+    proj, graph = models.HypersphereHead(5, 4), models.HypersphereHead(5, 4, weight_norm="graph")
+    with torch.no_grad():
+        proj.weight.copy_(w0)
+        graph.weight.copy_(w0)
+    cos_p, cos_g = proj(f), graph(f)
+    assert torch.allclose(cos_p, cos_g, atol=1e-6)  # same logits at the same directions
+    unit = torch.nn.functional.normalize(w0, dim=1)
+    assert torch.allclose(proj.weight.detach(), unit, atol=1e-6)  # overwritten in place
+    assert torch.equal(graph.weight.detach(), w0)  # untouched
+    # gradients: the linear layer's at the unit rows vs. through the normalisation
+    g = torch.randn(6, 4)
+    (cos_p * g).sum().backward()
+    (cos_g * g).sum().backward()
+    w = unit.clone().requires_grad_(True)
+    (torch.nn.functional.linear(torch.nn.functional.normalize(f, dim=1), w) * g).sum().backward()
+    assert torch.allclose(proj.weight.grad, w.grad, atol=1e-5)
+    tangent = w.grad - (w.grad * unit).sum(1, keepdim=True) * unit
+    norms = w0.norm(dim=1, keepdim=True)
+    assert torch.allclose(graph.weight.grad, tangent / norms, atol=1e-5)
+    assert not torch.allclose(proj.weight.grad, graph.weight.grad, atol=1e-3)
+    # an SGD step moves the rows off the sphere; the next forward puts them back
+    opt = torch.optim.SGD(proj.parameters(), lr=0.5, weight_decay=5e-4)
+    opt.step()
+    assert not torch.allclose(proj.weight.detach().norm(dim=1), torch.ones(4), atol=1e-3)
+    proj(f)
+    assert torch.allclose(proj.weight.detach().norm(dim=1), torch.ones(4), atol=1e-6)
+    # two forwards before one backward (TRADES, ALP) work: the overwrite is not tracked
+    a, b = proj(f), proj(f + 0.1)
+    (a.sum() + b.sum()).backward()
+    with torch.inference_mode():
+        assert proj(f).shape == (6, 4)
+    with pytest.raises(ValueError, match="weight_norm"):
+        models.HypersphereHead(5, 4, weight_norm="lazy")
+    m = models.build("small_cnn", 10, mean_std=MNIST, head="hypersphere_graph", width=4)
+    assert m.head.weight_norm == "graph"
+
+
 def test_dual_bn_routes_statistics():
     model = models.build("wrn16_4", 10, mean_std=CIFAR, norm="dual_bn", width=4)
     duals = [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]

@@ -53,8 +53,13 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
                                else "final", "total_steps": result.total_steps}
         return metrics, arrays
 
-    full = {**config, "train": train_cfg.to_dict(), "objective": _describe(objective)}
-    return results.cached(chapter, name, full, compute, device=device)
+    return results.cached(chapter, name, run_config(config, train_cfg, objective), compute,
+                          device=device)
+
+
+def run_config(config: dict, train_cfg: train.TrainConfig, objective) -> dict:
+    """The full configuration that keys a trained run's cache folder (``config.json``)."""
+    return {**config, "train": train_cfg.to_dict(), "objective": _describe(objective)}
 
 
 def _describe(objective) -> dict:

@@ -2,8 +2,9 @@
 
 Every model takes images in [0, 1] (normalisation is its first layer), exposes
 ``model.features(x)``, ``model.head`` and ``model(x, return_features=True)``, and accepts
-``head`` ("linear" | "hypersphere"), ``norm`` ("bn" | "dual_bn" | "none") and ``width``
-(a channel knob for tiny smoke-test models).
+``head`` ("linear" | "hypersphere" | "hypersphere_graph", see ``heads.HypersphereHead``),
+``norm`` ("bn" | "dual_bn" | "none") and ``width`` (a channel knob for tiny smoke-test
+models).
 """
 from __future__ import annotations
 
