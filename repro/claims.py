@@ -293,9 +293,17 @@ class Claim:
         if result is None:
             return Outcome("—", NOT_YET_RUN, note="evaluator ready; no published run yet")
         try:
-            return self.evaluate(result)
+            out = self.evaluate(result)
         except KeyError as e:  # the published run predates the metric this claim reads
             return Outcome("—", NOT_YET_RUN, note=f"published run lacks {e}")
+        if (out.verdict == NOT_REPRODUCED and out.floor_met is None
+                and (self.floor or {}).get("requires")):
+            # An evaluator that did not check the claim's floor cannot refute it.
+            return dataclasses.replace(
+                out, verdict=INCONCLUSIVE, floor_why="floor not checked by the evaluator",
+                note=(out.note + " " if out.note else "") + "Not reproduced only at or above "
+                     "the floor; this evaluator does not check it (use repro.claims.judge).")
+        return out
 
 
 FIELDS = ("id", "text", "paper_value", "unit", "source", "setting", "quantity", "effect",
