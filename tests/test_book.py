@@ -2,6 +2,7 @@
 offline-site check, and the published chapters' size and provenance."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,74 @@ def test_published_chapter_is_small_complete_and_provenanced(chapter):
     # The scorecard judges this chapter's claims from the published files alone.
     loaded_rec, result = publish.load(chapter)
     assert set(result["runs"]) == set(rec["runs"])
+
+
+# A pipe table's delimiter row (|---|---|). myst-nb renders a cell's text/markdown output as
+# CommonMark, which has no tables, and text/plain or a stream as text: either way such a row
+# reaches the reader as raw pipes.
+PIPE_TABLE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$", re.M)
+
+
+def unrendered_tables(nb: dict) -> list[str]:
+    """Outputs of a notebook that show a markdown table as text: 'cell N: mime'."""
+    hits = []
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            texts = {"stream": out.get("text", "")} if out.get("output_type") == "stream" else \
+                {m: out.get("data", {}).get(m, "") for m in ("text/markdown", "text/plain")}
+            for mime, text in texts.items():
+                if PIPE_TABLE.search("".join(text) if isinstance(text, list) else text):
+                    hits.append(f"cell {i}: {mime}")
+    return hits
+
+
+def _visible_text(html: str) -> str:
+    """The text of an HTML page outside code, scripts and styles."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        skip, parts = 0, []
+
+        def handle_starttag(self, tag, attrs):
+            self.skip += tag in ("pre", "code", "script", "style")
+
+        def handle_endtag(self, tag):
+            self.skip -= tag in ("pre", "code", "script", "style") and self.skip > 0
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+    t = Text()
+    t.parts = []
+    t.feed(html)
+    return "".join(t.parts)
+
+
+def test_the_table_check_tells_raw_pipes_from_a_rendered_table():
+    raw = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {
+        "text/markdown": "**gain**\n\n| method | gain |\n|---|---|\n| PGD-AT | +1.0 |"}}]}]}
+    assert unrendered_tables(raw) == ["cell 0: text/markdown"]
+    html_table = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "execute_result",
+                  "data": {"text/html": "<table><tr><td>1</td></tr></table>",
+                           "text/plain": "   method  gain\n0  PGD-AT   1.0"}}]}]}
+    assert unrendered_tables(html_table) == []
+    assert PIPE_TABLE.search(_visible_text("<p>| a | b |\n|---|---|</p>"))
+    assert not PIPE_TABLE.search(_visible_text("<pre>| a | b |\n|---|---|</pre><table></table>"))
+
+
+@pytest.mark.parametrize("chapter", [c for c in experiments.CHAPTERS
+                                     if publish.record(c) is not None])
+def test_no_published_page_shows_an_unrendered_markdown_table(chapter):
+    nb = json.loads((publish.published_dir(chapter) / f"{chapter}.ipynb").read_text())
+    assert unrendered_tables(nb) == [], "render tables as DataFrames, not markdown strings"
+
+
+@pytest.mark.skipif(not (SITE / "index.html").exists(), reason="book not built (make book)")
+def test_no_built_page_shows_an_unrendered_markdown_table():
+    bad = [str(p.relative_to(SITE)) for p in SITE.rglob("*.html")
+           if "_static" not in p.parts and "_sources" not in p.parts
+           and PIPE_TABLE.search(_visible_text(p.read_text(errors="replace")))]
+    assert bad == []
 
 
 def test_published_tree_stays_small():
