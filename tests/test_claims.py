@@ -79,12 +79,19 @@ def test_the_data_ships_with_the_package():
 
 @pytest.mark.slow
 def test_a_built_wheel_contains_the_data(tmp_path):
+    import shutil
     import subprocess
     import sys
+    src = tmp_path / "src"   # build from a copy: setuptools leaves build/ in the source tree
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(experiments.PROJECT_ROOT / f, src / f)
+    shutil.copytree(experiments.PROJECT_ROOT / "repro", src / "repro",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(experiments.PROJECT_ROOT)], check=True,
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True,
                    capture_output=True)
-    names = zipfile.ZipFile(next(tmp_path.glob("repro-*.whl"))).namelist()
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("repro-*.whl"))).namelist()
     for p in PAPERS:
         assert f"repro/claims_data/{p}.json" in names
 
