@@ -49,6 +49,16 @@ Every outcome carries the floor (met or not, and why) and the smallest effect th
 have detected: ``mde = (q_0.975 + q_0.80) · SE``, the true effect that a two-sided 5% test
 detects with 80% power (q: normal quantiles, 1.96 + 0.84 = 2.80; t quantiles for
 seed-level estimates).
+
+**Adopting the rule in a chapter** (e.g. LMT, whose evaluators predate it): read the claim's
+``quantity``, ``direction``, ``null`` and ``floor["requires"]`` in its data file; build the
+estimate of that quantity (a count of violations: ``exact``; a certified fraction on n test
+points: ``proportion``; LMT − standard on the same points: ``paired``); pass the facts the
+floor names (for ``claims_data/lmt.json``: ``dataset``, ``test_images``, ``mnist_epochs``,
+``checked_points``; a key ``x_min`` in ``requires`` reads the fact ``x``) to
+:func:`judge`. Until then :meth:`Claim.judge` turns an evaluator's "not reproduced" that
+carries no floor check into *inconclusive*: no claim is refuted by a run whose scale nobody
+checked.
 """
 from __future__ import annotations
 
