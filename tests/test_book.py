@@ -67,7 +67,7 @@ def test_every_paper_has_claims_with_sources():
     # the data files field by field).
     values = {c.id: c.paper_value for cs in claims.all_claims().values() for c in cs}
     assert values["he.rb-clean"] == "85.14" and values["he.rb-aa"] == "53.74"
-    assert values["advprop.clean-gain-b7"] == "+0.7"
+    assert values["advprop.clean-gain-b7"] == "84.5 → 85.2 (+0.7)"
 
 
 def test_chapter_claims_override_the_registry(monkeypatch):

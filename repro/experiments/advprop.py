@@ -317,9 +317,11 @@ def paper_table(result: dict):
     rows = {}
     for cid in ("advprop.clean-gain-b7", "advprop.clean-gain-r50"):
         c = claims.get(cid)
+        base, _, rest = c.paper_value.partition(" → ")
+        adv, _, gain = rest.partition(" (")
         rows[f"paper: {c.setting.get('architecture')} — {c.setting.get('dataset')}"] = {
-            "vanilla": claims.NOT_TRANSCRIBED, "AdvProp": claims.NOT_TRANSCRIBED,
-            "Δ (points)": c.paper_value, "source": c.source}
+            "vanilla": base, "AdvProp": adv or c.paper_value, "Δ (points)": gain.rstrip(")")
+            or c.paper_value, "source": c.source}
     van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
     est = clean_gain(result)
     rows[f"ours: {cfg['arch']} width {cfg['widths'][-1]} — CIFAR-10 ({cfg['preset']}, "
