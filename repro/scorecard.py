@@ -16,11 +16,15 @@ from pathlib import Path
 from repro import claims, experiments, publish
 
 BADGE = {claims.REPRODUCED: "bdg-success", claims.PARTLY: "bdg-warning",
-         claims.NOT_REPRODUCED: "bdg-danger", claims.NOT_YET_RUN: "bdg-muted"}
+         claims.INCONCLUSIVE: "bdg-info", claims.NOT_REPRODUCED: "bdg-danger",
+         claims.NOT_YET_RUN: "bdg-muted"}
 
 
 def rows(root: Path | None = None, *, judge_smoke: bool = False) -> list[dict]:
-    """One row per claim: paper, claim, paper value, ours, run provenance, verdict.
+    """One row per claim: paper, claim, paper value, ours, run provenance, verdict, and
+    whether the run met the claim's scale floor (``floor_met``: True / False / None when not
+    checked, ``floor_why``) and the smallest effect it could detect (``mde``, points, 80%
+    power at a two-sided 5% level; None when the evaluator gives no interval).
 
     A publication at the ``smoke`` preset is not judged (its numbers mean nothing) unless
     ``judge_smoke`` (tests)."""
@@ -39,7 +43,9 @@ def rows(root: Path | None = None, *, judge_smoke: bool = False) -> list[dict]:
             out.append({"paper": paper, "id": c.id, "claim": c.text,
                         "paper_value": c.paper_value, "unit": c.unit, "source": c.source,
                         "ours": o.ours, "value": o.value, "note": o.note,
-                        "verdict": o.verdict, "run": run})
+                        "verdict": o.verdict, "run": run, "floor_met": o.floor_met,
+                        "floor_why": o.floor_why, "mde": o.mde, "interval": o.interval,
+                        "floor": (c.floor or {}).get("why", "")})
     return out
 
 
@@ -61,9 +67,15 @@ def markdown(root: Path | None = None) -> str:
         "(`book/published/`) by `python -m repro.scorecard` at build time; no number on it is "
         "typed by hand. A claim stays *not yet run* until its chapter provides an evaluator "
         "and a published (`laptop`, `gpu` or `paper`) run; `smoke` runs are never judged.", "",
-        "Verdicts compare like with like only where the preset is the paper's own: at the "
-        "reduced `laptop` and `gpu` presets a verdict says whether the *direction* of a claim "
-        "holds at that scale, not whether the paper's number is matched.", "",
+        "**The rule.** Each claim states the paper's effect and a *scale floor* below which "
+        "it is not tested (both in `repro/claims_data/`, with their sources). Estimates are "
+        "paired differences over the same test images (and seeds), with a 95% interval: "
+        "*reproduced* when the interval excludes 0 in the paper's direction; *partly* when "
+        "the direction holds but the effect is smaller than the paper's or not significant; "
+        "*not reproduced* only at or above the floor, with an interval that excludes the "
+        "paper's effect; *inconclusive* below the floor, or when the interval holds both 0 "
+        "and the paper's effect. *Detectable* is the smallest true effect the run would "
+        "detect with 80% power (2.8 × SE; t quantiles for seed-level estimates).", "",
         f"**{len(table)} claims:** " + ", ".join(
             f"{{{BADGE[v]}}}`{v}` {counts.get(v, 0)}" for v in claims.VERDICTS), "",
         "| paper | claims | " + " | ".join(claims.VERDICTS) + " | published run |",
@@ -96,7 +108,8 @@ def markdown(root: Path | None = None) -> str:
                 f"{rec['seed']}, library commit {', '.join(f'`{c}`' for c in rec['commits'])}, "
                 f"computed {str(rec['computed'])[:10]}, "
                 f"{rec['compute_wall_time_s'] / 60:.1f} min of compute.")
-        lines += ["", "| claim | paper | ours | from | verdict |", "|---|---|---|---|---|"]
+        lines += ["", "| claim | paper | ours | floor | detectable | from | verdict |",
+                  "|---|---|---|---|---|---|---|"]
         for r in prows:
             paper_val = r["paper_value"] + (f" ({r['unit']})" if r["unit"] else "")
             if r["source"]:
@@ -107,8 +120,12 @@ def markdown(root: Path | None = None) -> str:
                 frm = (f"`{r['run']['preset']}`, "
                        f"{'/'.join(_short_device(d) for d in r['run']['devices'])}, "
                        f"seed {r['run']['seed']}")
+            floor = {True: "met", False: "not met", None: "—"}[r["floor_met"]]
+            if r["floor_met"] is not None or r["floor_why"]:
+                floor += f"<br><small>{r['floor_why']}</small>"
+            mde = f"{r['mde']:.1f} points" if r["mde"] is not None else "—"
             lines.append("| " + " | ".join(_cell(x) for x in [
-                f"{r['claim']}<br><small>`{r['id']}`</small>", paper_val, ours, frm,
+                f"{r['claim']}<br><small>`{r['id']}`</small>", paper_val, ours, floor, mde, frm,
                 f"{{{BADGE[r['verdict']]}}}`{r['verdict']}`"]) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -192,10 +192,14 @@ def test_shared_bn_baseline(batch):
         objectives.advprop()(model("bn"), batch, state())
 
 
-def _fake_result(clean, cfg_over=None):
-    """A result dict in run()'s shape with given clean accuracies per run name."""
+def _fake_result(clean, cfg_over=None, n=10000):
+    """A result dict in run()'s shape with given clean accuracies per run name: each model
+    gets the first round(c·n) test images right (so models' errors overlap), at full scale
+    (the whole training set) unless ``cfg_over`` says otherwise."""
+    import numpy as np
     from repro.experiments import advprop as chapter
-    cfg = chapter.SPEC.resolve("smoke", **{"seeds": [0, 1], **(cfg_over or {})})
+    over = {"seeds": [0, 1], "n_train": None, **(cfg_over or {})}
+    cfg = {**chapter.SPEC.resolve("smoke"), "n_test": n, "n_corrupt": n, **over}
     runs = {}
     for name, method, width, seed, eps in chapter.plan(cfg):
         c = clean(method, width, seed, eps)
@@ -203,7 +207,7 @@ def _fake_result(clean, cfg_over=None):
              "corruptions": {"contrast/3": c - 0.1}}
         if method == "advprop":
             m["aux_bn"] = {"clean": c - 0.05, "pgd": 0.01}
-        runs[name] = {"metrics": m}
+        runs[name] = {"metrics": m, "arrays": {"correct_clean": np.arange(n) < round(c * n)}}
     result = {"config": cfg, "runs": runs}
     result["summary"] = chapter.summarize(result)
     return result
@@ -224,20 +228,23 @@ def test_claim_verdicts_follow_the_numbers():
     from repro import claims
     from repro.experiments import advprop as chapter
     judge = {c.id: c for c in chapter.CLAIMS}
-    # AdvProp ahead for both seeds, bigger model best at the strongest eps
-    good = _fake_result(lambda m, w, s, e: {"vanilla": 0.80, "shared_bn": 0.78}.get(m)
-                        or 0.81 + (0.001 * e if w == 8 else -0.001 * e))
+    # AdvProp ahead by a point for both seeds on 10,000 images; bigger model best at the
+    # strongest eps
+    good = _fake_result(lambda m, w, s, e: {"vanilla": 0.92, "shared_bn": 0.90}.get(m)
+                        or 0.93 + (0.001 * e if w == 8 else -0.001 * e),
+                        {"seeds": [0, 1, 2]})
     assert good["summary"]["advprop_minus_vanilla_clean"]["mean"] == pytest.approx(0.01 + 0.001)
     for cid in ("advprop.clean-gain-b7", "advprop.aux-bn", "advprop.bigger-stronger",
                 "advprop.corruptions"):
         assert judge[cid].judge(good).verdict == claims.REPRODUCED, cid
-    # mixed signs over two seeds: the mean is inside the seed spread -> inconclusive
-    mixed = _fake_result(lambda m, w, s, e: 0.80 if m != "advprop" else (0.82 if s == 0 else 0.79))
-    out = judge["advprop.clean-gain-b7"].judge(mixed)
-    assert out.verdict == claims.NOT_REPRODUCED and "inconclusive" in out.note
-    # one seed ahead: partly (no spread to compare with)
-    one = _fake_result(lambda m, w, s, e: 0.80 if m != "advprop" else 0.81, {"seeds": [0]})
-    assert judge["advprop.clean-gain-b7"].judge(one).verdict == claims.PARTLY
-    bad = _fake_result(lambda m, w, s, e: 0.80 if m != "advprop" else 0.79)
+    # mixed signs over two seeds: the interval holds 0 and the paper's 0.7 -> inconclusive
+    mixed = _fake_result(lambda m, w, s, e: 0.92 if m != "advprop" else (0.94 if s == 0 else 0.91))
+    assert judge["advprop.clean-gain-b7"].judge(mixed).verdict == claims.INCONCLUSIVE
+    # AdvProp behind for both seeds at full scale: refuted
+    bad = _fake_result(lambda m, w, s, e: 0.92 if m != "advprop" else 0.91)
     assert judge["advprop.clean-gain-r50"].judge(bad).verdict == claims.NOT_REPRODUCED
+    # the same on 2,000 training images at 25% clean: below the floor, nothing decided
+    small = _fake_result(lambda m, w, s, e: 0.25 if m != "advprop" else 0.24, {"n_train": 2000})
+    out = judge["advprop.clean-gain-b7"].judge(small)
+    assert out.verdict == claims.INCONCLUSIVE and out.floor_met is False
     assert {c.id for c in claims.claims_for("advprop")} == set(judge)

@@ -2,10 +2,12 @@
 offline-site check, and the published chapters' size and provenance."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -61,11 +63,11 @@ def test_every_paper_has_claims_with_sources():
         assert len(cs) >= 3, paper
         for c in cs:
             assert c.id.startswith(paper + ".") and c.text and c.paper_value and c.source
-    # The paper numbers the design names are there, as the papers state them.
+    # The paper numbers are there as their sources state them (tests/test_claims.py checks
+    # the data files field by field).
     values = {c.id: c.paper_value for cs in claims.all_claims().values() for c in cs}
     assert values["he.rb-clean"] == "85.14" and values["he.rb-aa"] == "53.74"
-    assert values["lmt.mnist-clean"] == "86.5" and values["lmt.mnist-verified"] == "40.6"
-    assert values["advprop.clean-gain-b7"] == "84.3 → 85.2"
+    assert values["advprop.clean-gain-b7"] == "84.5 → 85.2 (+0.7)"
 
 
 def test_chapter_claims_override_the_registry(monkeypatch):
@@ -86,14 +88,21 @@ def test_chapter_claims_override_the_registry(monkeypatch):
     assert cs["he.rb-clean"].judge({"runs": {}}).verdict == claims.NOT_YET_RUN
 
 
-def _intro_result(std_clean, std_pgd, adv_clean, adv_pgd, aa=None, flags=0):
+def _intro_result(std_clean, std_pgd, adv_clean, adv_pgd, aa=None, flags=0, n=2000):
+    """A result in intro.run()'s shape: per-example correctness with the given accuracies
+    (the first k of n images correct, so the models' errors overlap)."""
+    def ok(p):
+        return np.arange(n) < round(p * n)
     checks = [{"name": f"c{i}", "passed": i >= flags, "message": ""} for i in range(5)]
-    adv = {"accuracy": {"clean": adv_clean, "pgd40": adv_pgd}, "sanity": {"checks": checks}}
+    adv = {"metrics": {"accuracy": {"clean": adv_clean, "pgd40": adv_pgd},
+                       "sanity": {"checks": checks}},
+           "arrays": {"correct_clean": ok(adv_clean), "correct_pgd40": ok(adv_pgd)}}
     if aa is not None:
-        adv["autoattack"] = {"version": "fast", "accuracy": aa}
-    return {"config": {"eval_steps": 40}, "runs": {
-        "standard": {"metrics": {"accuracy": {"clean": std_clean, "pgd40": std_pgd}}},
-        "pgd_at": {"metrics": adv}}}
+        adv["metrics"]["autoattack"] = {"version": "fast", "accuracy": aa}
+        adv["arrays"]["correct_autoattack"] = ok(aa)
+    std = {"metrics": {"accuracy": {"clean": std_clean, "pgd40": std_pgd}},
+           "arrays": {"correct_clean": ok(std_clean), "correct_pgd40": ok(std_pgd)}}
+    return {"config": {"eval_steps": 40}, "runs": {"standard": std, "pgd_at": adv}}
 
 
 def test_intro_claims_judge_a_result():
@@ -106,6 +115,10 @@ def test_intro_claims_judge_a_result():
     assert verdicts["intro.at-raises-pgd"] == claims.NOT_REPRODUCED
     assert verdicts["intro.aa-confirms-pgd"] == claims.NOT_REPRODUCED
     assert verdicts["intro.no-masking"] == claims.NOT_REPRODUCED
+    # the same numbers on 200 test images are below the floor: nothing is refuted
+    small = _intro_result(0.99, 0.95, 0.98, 0.90, aa=0.70, flags=3, n=200)
+    assert {c.judge(small).verdict for c in claims.claims_for("intro")} == {
+        claims.INCONCLUSIVE}
     no_aa = _intro_result(0.99, 0.05, 0.98, 0.90)
     assert claims.get("intro.aa-confirms-pgd").judge(no_aa).verdict == claims.NOT_YET_RUN
 
@@ -166,6 +179,74 @@ def test_published_chapter_is_small_complete_and_provenanced(chapter):
     # The scorecard judges this chapter's claims from the published files alone.
     loaded_rec, result = publish.load(chapter)
     assert set(result["runs"]) == set(rec["runs"])
+
+
+# A pipe table's delimiter row (|---|---|). myst-nb renders a cell's text/markdown output as
+# CommonMark, which has no tables, and text/plain or a stream as text: either way such a row
+# reaches the reader as raw pipes.
+PIPE_TABLE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$", re.M)
+
+
+def unrendered_tables(nb: dict) -> list[str]:
+    """Outputs of a notebook that show a markdown table as text: 'cell N: mime'."""
+    hits = []
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            texts = {"stream": out.get("text", "")} if out.get("output_type") == "stream" else \
+                {m: out.get("data", {}).get(m, "") for m in ("text/markdown", "text/plain")}
+            for mime, text in texts.items():
+                if PIPE_TABLE.search("".join(text) if isinstance(text, list) else text):
+                    hits.append(f"cell {i}: {mime}")
+    return hits
+
+
+def _visible_text(html: str) -> str:
+    """The text of an HTML page outside code, scripts and styles."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        skip, parts = 0, []
+
+        def handle_starttag(self, tag, attrs):
+            self.skip += tag in ("pre", "code", "script", "style")
+
+        def handle_endtag(self, tag):
+            self.skip -= tag in ("pre", "code", "script", "style") and self.skip > 0
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+    t = Text()
+    t.parts = []
+    t.feed(html)
+    return "".join(t.parts)
+
+
+def test_the_table_check_tells_raw_pipes_from_a_rendered_table():
+    raw = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {
+        "text/markdown": "**gain**\n\n| method | gain |\n|---|---|\n| PGD-AT | +1.0 |"}}]}]}
+    assert unrendered_tables(raw) == ["cell 0: text/markdown"]
+    html_table = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "execute_result",
+                  "data": {"text/html": "<table><tr><td>1</td></tr></table>",
+                           "text/plain": "   method  gain\n0  PGD-AT   1.0"}}]}]}
+    assert unrendered_tables(html_table) == []
+    assert PIPE_TABLE.search(_visible_text("<p>| a | b |\n|---|---|</p>"))
+    assert not PIPE_TABLE.search(_visible_text("<pre>| a | b |\n|---|---|</pre><table></table>"))
+
+
+@pytest.mark.parametrize("chapter", [c for c in experiments.CHAPTERS
+                                     if publish.record(c) is not None])
+def test_no_published_page_shows_an_unrendered_markdown_table(chapter):
+    nb = json.loads((publish.published_dir(chapter) / f"{chapter}.ipynb").read_text())
+    assert unrendered_tables(nb) == [], "render tables as DataFrames, not markdown strings"
+
+
+@pytest.mark.skipif(not (SITE / "index.html").exists(), reason="book not built (make book)")
+def test_no_built_page_shows_an_unrendered_markdown_table():
+    bad = [str(p.relative_to(SITE)) for p in SITE.rglob("*.html")
+           if "_static" not in p.parts and "_sources" not in p.parts
+           and PIPE_TABLE.search(_visible_text(p.read_text(errors="replace")))]
+    assert bad == []
 
 
 def test_published_tree_stays_small():

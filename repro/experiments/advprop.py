@@ -17,12 +17,10 @@ README: "AdvProp training code coming soon", still so at 7dc921f). The PyTorch p
 random target label, from a random start on ~42% of batches. ``run(attacker="port")`` trains
 with that attacker (``objectives.AdvProp``); the default, and every published run, is the
 untargeted PGD the chapter describes. ``DIFFERENCES`` lists what differs from the port and
-the paper, with the reason; ``PAPER_NUMBERS`` are the paper's ImageNet numbers with their
-source.
+the paper, with the reason; the paper's ImageNet numbers, with their sources, are in
+``repro/claims_data/advprop.json``.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import torch
@@ -88,15 +86,14 @@ SPEC = Spec("advprop", [
 
 METHODS = ("vanilla", "shared_bn", "advprop")
 LABELS = {"vanilla": "vanilla", "shared_bn": "AT, one shared BN", "advprop": "AdvProp (aux BN)"}
-# The paper's ImageNet numbers (top-1 %), shown beside ours. EfficientNet-B7: the
+# The paper's ImageNet numbers (top-1 %). EfficientNet-B7: the
 # tensorflow/tpu EfficientNet README at b8df9aa (2019-11-21, the commit that released the
 # AdvProp checkpoints): AutoAugment 84.5%, AdvProp + AutoAugment 85.2%, the +0.7 of the
 # paper's abstract. From e7ef320 (2020-07-20) the README lists AutoAugment B7 at 84.3%,
 # retrained with early stopping on a held-out 'minival' split, and notes that the AdvProp
 # numbers "are derived from baselines that don't use holdout eval set": 84.3 -> 85.2 pairs
 # two protocols. ResNet-50: the port's README (d0f6b04), 76.67% -> 77.42%.
-PAPER_NUMBERS = {"EfficientNet-B7 (tensorflow/tpu README at b8df9aa)": (84.5, 85.2),
-                 "ResNet-50 (PyTorch port, README)": (76.7, 77.4)}
+# (The paper's numbers, with their sources, are in repro/claims_data/advprop.json.)
 
 _PORT = "github.com/tingxueronghua/pytorch-classification-advprop"
 # What this chapter does differently from the AdvProp PyTorch port (d0f6b04) and the paper,
@@ -398,101 +395,125 @@ def ablation_table(result: dict):
 
 
 def paper_table(result: dict):
-    """The paper's ImageNet numbers beside ours (top-1 / clean accuracy %)."""
+    """The paper's ImageNet numbers (from repro/claims_data/advprop.json, with their sources)
+    beside ours: clean accuracy % and the AdvProp − vanilla difference in points."""
     import pandas as pd
     cfg, s = result["config"], result["summary"]
-    rows = {f"{k} — ImageNet": {"vanilla": a, "AdvProp": b, "Δ": round(b - a, 2)}
-            for k, (a, b) in PAPER_NUMBERS.items()}
+    rows = {}
+    for cid in ("advprop.clean-gain-b7", "advprop.clean-gain-r50"):
+        c = claims.get(cid)
+        base, _, rest = c.paper_value.partition(" → ")
+        adv, _, gain = rest.partition(" (")
+        rows[f"paper: {c.setting.get('architecture')} — {c.setting.get('dataset')}"] = {
+            "vanilla": base, "AdvProp": adv or c.paper_value, "Δ (points)": gain.rstrip(")")
+            or c.paper_value, "source": c.source}
     van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
-    d = s["advprop_minus_vanilla_clean"]
+    est = clean_gain(result)
     rows[f"ours: {cfg['arch']} width {cfg['widths'][-1]} — CIFAR-10 ({cfg['preset']}, "
-         f"{len(cfg['seeds'])} seed(s))"] = {"vanilla": round(100 * van, 2),
-                                              "AdvProp": round(100 * adv, 2),
-                                              "Δ": round(100 * d["mean"], 2)}
+         f"{len(cfg['seeds'])} seed(s))"] = {"vanilla": f"{100 * van:.2f}",
+                                              "AdvProp": f"{100 * adv:.2f}",
+                                              "Δ (points)": f"{est} (95% interval)",
+                                              "source": "this run, paired over "
+                                                        f"{est.n} test images"}
     return pd.DataFrame(rows).T
 
 
 # ----------------------------------------------------------------------------- claims
 
-def _pts(x: float) -> str:
-    return f"{100 * x:+.2f} pts"
-
-
 def _summary(result: dict) -> dict:
     return result.get("summary") or summarize(result)
 
 
-def _sign_verdict(d: dict) -> str:
-    """Reproduced: positive for every seed (at least 2). Partly: positive on average and
-    more than one seed-to-seed standard deviation above zero (or a single seed). Otherwise
-    not reproduced (including an average gain inside the seed noise: inconclusive)."""
-    if d["n"] > 1 and d["min"] > 0:
-        return claims.REPRODUCED
-    if d["mean"] > 0 and (d["std"] is None or d["mean"] > d["std"]):
-        return claims.PARTLY
-    return claims.NOT_REPRODUCED
+def _stack(result: dict, method: str, width: int | None = None, eps=None,
+           seeds=None) -> np.ndarray:
+    """Per-example clean correctness, shape (seeds, n_test), of the main comparison's runs."""
+    cfg = result["config"]
+    width = cfg["widths"][-1] if width is None else width
+    seeds = cfg["seeds"] if seeds is None else seeds
+    if method != "vanilla" and eps is None:
+        eps = cfg["eps"]
+    return np.stack([np.asarray(result["runs"][run_name(method, width, s, eps)]["arrays"]
+                                ["correct_clean"], bool) for s in seeds])
 
 
-def _noise_note(d: dict) -> str:
-    if d["std"] is not None and abs(d["mean"]) <= d["std"]:
-        return (f"inconclusive: the mean difference ({100 * d['mean']:+.2f} pts) is inside the "
-                f"seed-to-seed spread (std {100 * d['std']:.2f} pts over {d['n']} seeds). ")
-    return ""
+def _facts(result: dict, n: int, seeds: int) -> dict:
+    cfg, s = result["config"], _summary(result)
+    return {"full_training_set": cfg["n_train"] is None,
+            "vanilla_clean": s["methods"]["vanilla"]["clean"]["mean"], "test_images": n,
+            "seeds": seeds, "widths": len(cfg["widths"])}
 
 
-def _clean_gain(result: dict) -> claims.Outcome:
-    s, cfg = _summary(result), result["config"]
-    d = s["advprop_minus_vanilla_clean"]
-    spread = f" ± {100 * d['std']:.2f} (std over {d['n']} seeds)" if d["std"] is not None else \
-        " (1 seed)"
-    van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
-    return claims.Outcome(
-        f"CIFAR-10, width {cfg['widths'][-1]}: {100 * van:.1f} → {100 * adv:.1f} "
-        f"({_pts(d['mean'])}{spread})", _sign_verdict(d), value=100 * d["mean"],
-        note=_noise_note(d) + "Reproduced: AdvProp ahead for every seed; partly: ahead on "
-             "average by more than the seed spread. CIFAR-10 scale, not ImageNet.")
+def clean_gain(result: dict, other: str = "vanilla") -> claims.Estimate:
+    """AdvProp − ``other`` clean accuracy (points), paired over the same test images and
+    seeds (repro.claims.paired)."""
+    return claims.paired(_stack(result, other), _stack(result, "advprop"))
+
+
+def _clean_gain(claim_id: str):
+    def judge(result: dict) -> claims.Outcome:
+        s, cfg = _summary(result), result["config"]
+        est = clean_gain(result)
+        van = s["methods"]["vanilla"]["clean"]["mean"]
+        adv = s["methods"]["advprop"]["clean"]["mean"]
+        return claims.judge(claim_id, est, _facts(result, est.n, est.seeds),
+                            ours=f"CIFAR-10, width {cfg['widths'][-1]}: {100 * van:.1f} → "
+                                 f"{100 * adv:.1f} ({est} points, {est.n} images × "
+                                 f"{est.seeds} seed(s))",
+                            note="CIFAR-10 scale, not ImageNet.")
+    return judge
 
 
 def _aux_bn(result: dict) -> claims.Outcome:
     s = _summary(result)
-    d = s["advprop_minus_shared_clean"]
+    est = clean_gain(result, "shared_bn")
+    hurt = claims.paired(_stack(result, "vanilla"), _stack(result, "shared_bn"))
     sh = s["methods"]["shared_bn"]["clean"]["mean"]
     van = s["methods"]["vanilla"]["clean"]["mean"]
     adv = s["methods"]["advprop"]["clean"]["mean"]
-    verdict = _sign_verdict(d)
-    if verdict == claims.REPRODUCED and sh >= van:  # the "hurts clean accuracy" half fails
-        verdict = claims.PARTLY
-    return claims.Outcome(f"clean: vanilla {100 * van:.1f}, shared BN {100 * sh:.1f}, "
-                          f"AdvProp {100 * adv:.1f} (AdvProp − shared {_pts(d['mean'])})",
-                          verdict, value=100 * d["mean"], note=_noise_note(d))
+    return claims.judge("advprop.aux-bn", est, _facts(result, est.n, est.seeds),
+                        ours=f"clean: vanilla {100 * van:.1f}, shared BN {100 * sh:.1f}, "
+                             f"AdvProp {100 * adv:.1f} (AdvProp − shared {est} points)",
+                        note=f"the other half, shared BN − vanilla: {hurt} points.")
 
 
 def _bigger_stronger(result: dict) -> claims.Outcome:
+    cfg = result["config"]
     abl = _summary(result)["ablation"]
     ws = sorted(abl, key=int)
-    small, big = abl[ws[0]], abl[ws[-1]]
-    bs, bb = int(small["best_eps"]), int(big["best_eps"])
-    verdict = (claims.REPRODUCED if bb > bs else
-               claims.PARTLY if bb == bs and len(ws) > 1 else claims.NOT_REPRODUCED)
-    return claims.Outcome(f"best ε: {bs}/255 at width {ws[0]}, {bb}/255 at width {ws[-1]}",
-                          verdict, value=float(bb - bs),
-                          note="one seed per (width, ε); best = largest clean gain over vanilla")
+    s0, lo, hi = cfg["seeds"][0], cfg["eps_grid"][0], cfg["eps_grid"][-1]
+    if len(ws) < 2 or lo == hi:
+        return claims.Outcome("—", claims.NOT_YET_RUN, note="needs two widths and two ε")
+
+    def acc(w, e):
+        return _stack(result, "advprop", int(w), e, [s0])[0].astype(float)
+    d = (acc(ws[-1], hi) - acc(ws[-1], lo)) - (acc(ws[0], hi) - acc(ws[0], lo))
+    est = claims.per_example(d, f"interaction over the same test images (seed {s0})")
+    bs, bb = int(abl[ws[0]]["best_eps"]), int(abl[ws[-1]]["best_eps"])
+    return claims.judge("advprop.bigger-stronger", est, _facts(result, est.n, 1),
+                        ours=f"gain of ε {hi}/255 over {lo}/255: width {ws[-1]} minus width "
+                             f"{ws[0]}: {est} points (best ε: {bs}/255 at width {ws[0]}, "
+                             f"{bb}/255 at width {ws[-1]})",
+                        note="one seed per (width, ε)")
 
 
 def _corruptions(result: dict) -> claims.Outcome:
-    s = _summary(result)
-    d = s["advprop_minus_vanilla_corruption"]
+    s, cfg = _summary(result), result["config"]
+    van, adv = (_main_runs(result, m) for m in ("vanilla", "advprop"))
+    est = claims.across_seeds([m["corruption_mean"] for m in van],
+                              [m["corruption_mean"] for m in adv], n=cfg["n_corrupt"])
     per = s["advprop_minus_vanilla_per_corruption"]
     wins = sum(v > 0 for v in per.values())
-    verdict = _sign_verdict(d)
-    if verdict == claims.REPRODUCED and wins <= len(per) / 2:
-        verdict = claims.PARTLY
-    return claims.Outcome(f"mean corruption accuracy {_pts(d['mean'])} vs vanilla; better on "
-                          f"{wins}/{len(per)} corruption×severity sets", verdict,
-                          value=100 * d["mean"], note=_noise_note(d))
+    return claims.judge("advprop.corruptions", est,
+                        {**_facts(result, cfg["n_corrupt"], est.seeds),
+                         "test_images": cfg["n_test"]},
+                        ours=f"mean corruption accuracy {est} points vs vanilla; better on "
+                             f"{wins}/{len(per)} corruption×severity sets",
+                        note="one value per seed (no per-image corruption arrays): t interval "
+                             "with seeds − 1 degrees of freedom.")
 
 
-CLAIMS = [dataclasses.replace(claims.get(cid), evaluate=fn) for cid, fn in (
-    ("advprop.clean-gain-b7", _clean_gain), ("advprop.clean-gain-r50", _clean_gain),
+CLAIMS = [claims.with_evaluator(cid, fn) for cid, fn in (
+    ("advprop.clean-gain-b7", _clean_gain("advprop.clean-gain-b7")),
+    ("advprop.clean-gain-r50", _clean_gain("advprop.clean-gain-r50")),
     ("advprop.aux-bn", _aux_bn), ("advprop.bigger-stronger", _bigger_stronger),
     ("advprop.corruptions", _corruptions))]

@@ -630,21 +630,33 @@ def _pct(x):
     return f"{100 * x:.1f}%"
 
 
+def _facts(result: dict, n: int) -> dict:
+    """What the claims' floors (repro/claims_data/bat.json) ask about this run."""
+    cfg, mm = result["config"], result["runs"]["memorization"]["metrics"]
+    return {"full_training_set": cfg["n_train"] is None,
+            "mem_se": mm["estimate"]["mean_se"],
+            "pgd_at_clean": result["runs"]["pgd_at"]["metrics"]["accuracy"]["clean"],
+            "test_images": n}
+
+
 def _claim_a(result: dict) -> claims.Outcome:
     c = curves(result)
     if c["n_atypical"] == 0:
         return claims.Outcome("no atypical test example found", claims.NOT_YET_RUN)
-    g_clean = c["atypical clean"][-1] - c["atypical clean"][0]
-    g_pgd = c["atypical pgd"][-1] - c["atypical pgd"][0]
+    a = result["runs"]["pgd_at"]["arrays"]
+    _, test_atyp = splits(result)
+    sel = test_atyp[:a["curve_clean"].shape[1]]
+    cc, cp = (np.asarray(a[k], float)[:, sel] for k in ("curve_clean", "curve_pgd"))
+    est = claims.per_example((cc[-1] - cc[0]) - (cp[-1] - cp[0]),
+                             "per atypical test example, first → last epoch")
     ours = (f"atypical test ({c['n_atypical']}): clean {_pct(c['atypical clean'][0])} → "
             f"{_pct(c['atypical clean'][-1])}, PGD {_pct(c['atypical pgd'][0])} → "
-            f"{_pct(c['atypical pgd'][-1])}")
+            f"{_pct(c['atypical pgd'][-1])}; clean gain − PGD gain {est} points")
     note = (f"typical test ({c['n_typical']}): clean "
             f"{100 * (c['typical clean'][-1] - c['typical clean'][0]):+.1f} pts, PGD "
             f"{100 * (c['typical pgd'][-1] - c['typical pgd'][0]):+.1f} pts over the same epochs")
-    verdict = (claims.REPRODUCED if g_clean > 0.02 and g_pgd < 0.5 * g_clean else
-               claims.PARTLY if g_pgd < g_clean else claims.NOT_REPRODUCED)
-    return claims.Outcome(ours, verdict, value=100 * (g_clean - g_pgd), note=note)
+    return claims.judge("bat.atypical-clean-not-robust", est, _facts(result, est.n),
+                        ours=ours, note=note)
 
 
 def accuracy_se(p, n: int):
@@ -652,67 +664,53 @@ def accuracy_se(p, n: int):
     return np.sqrt(np.asarray(p) * (1 - np.asarray(p)) / max(1, n))
 
 
-def _se_diff(p1: float, p2: float, n: int) -> float:
-    """Standard error of the difference of two accuracies on n examples each (unpaired:
-    conservative for the same test set)."""
-    return float(np.hypot(accuracy_se(p1, n), accuracy_se(p2, n)))
-
-
 def _claim_b(result: dict) -> claims.Outcome:
     f = fractions(result)
     r = f["typical pgd"]
     ours = ", ".join(f"{100 * a:g}% atypical: {_pct(v)}" for a, v in zip(f["fraction"], r))
-    drop = r[0] - r[-1]
-    se = _se_diff(r[0], r[-1], int((~splits(result)[1]).sum()))
-    verdict = (claims.REPRODUCED if drop > 2 * se else claims.PARTLY if drop > 0
-               else claims.NOT_REPRODUCED)
-    note = f"drop {100 * drop:+.1f} ± {100 * se:.1f} pts (1 SE)"
-    return claims.Outcome("PGD acc. on typical test: " + ours, verdict, value=100 * drop,
-                          note=note)
+    typical = ~splits(result)[1]
+    first, last = (np.asarray(result["runs"][f"typical+{x:g}"]["arrays"]["correct_pgd"],
+                              bool)[typical] for x in (f["fraction"][0], f["fraction"][-1]))
+    est = claims.paired(last, first, "typical test images, paired")
+    return claims.judge("bat.atypical-hurts-typical", est, _facts(result, est.n),
+                        ours="PGD acc. on typical test: " + ours + f"; drop {est} points")
 
 
 def _claim_tradeoff(result: dict) -> claims.Outcome:
+    bat_run = f"bat-a{result['config']['alphas'][0]:g}"   # fixed in advance, not chosen on test
+
+    def per_image(run):
+        a = result["runs"][run]["arrays"]
+        robust = a["correct_aa"] if "correct_aa" in a else a["correct_pgd"]
+        return (np.asarray(a["correct_clean"], float) + np.asarray(robust, float)) / 2
+
     def point(run):
         m = result["runs"][run]["metrics"]
         return m["accuracy"]["clean"], _robust_key(m)[1]
-    bats = [r for r in methods(result) if r.startswith("bat")]
-    best = max(bats, key=lambda r: sum(point(r)))
-    bc, br = point(best)
-    wins = []
+    parts, texts = [], []
     for base in ("pgd_at", "trades"):
-        c, r = point(base)
-        wins.append(bc >= c - 0.005 and br >= r - 0.005 and (bc > c + 0.005 or br > r + 0.005))
-    ours = f"{label(best)}: clean {_pct(bc)}, robust {_pct(br)}; " + "; ".join(
+        est = claims.paired(per_image(base), per_image(bat_run))
+        parts.append(claims.judge("bat.tradeoff", est, _facts(result, est.n)))
+        texts.append(f"vs {label(base)}: {est} ({parts[-1].verdict})")
+    bc, br = point(bat_run)
+    ours = (f"{label(bat_run)}: clean {_pct(bc)}, robust {_pct(br)}; " + "; ".join(
         f"{label(b)}: {_pct(point(b)[0])}, {_pct(point(b)[1])}" for b in ("pgd_at", "trades"))
-    verdict = (claims.REPRODUCED if all(wins) else claims.PARTLY if any(wins)
-               else claims.NOT_REPRODUCED)
-    c0, r0 = point("pgd_at")
-    n = result["runs"]["pgd_at"]["metrics"]["n_test"]
-    note = (f"{n} test images: a difference of two robust accuracies carries a SE of "
-            f"{100 * _se_diff(r0, br, n):.1f} pts")
-    return claims.Outcome(ours, verdict, value=100 * ((bc + br) - (c0 + r0)), note=note)
-
-
-def _with(claim_id, fn):
-    import dataclasses
-    return dataclasses.replace(claims.get(claim_id), evaluate=fn)
+        + "; (clean + robust)/2 " + ", ".join(texts) + " points")
+    out = claims.combine(parts, ours, note=f"BAT's α is the config's first ({bat_run}), fixed "
+                                           "in advance; one verdict per baseline, combined.")
+    return dataclasses.replace(out, value=parts[0].value)
 
 
 CLAIMS = [
-    _with("bat.atypical-clean-not-robust", _claim_a),
-    _with("bat.atypical-hurts-typical", _claim_b),
-    _with("bat.tradeoff", _claim_tradeoff),
+    claims.with_evaluator("bat.atypical-clean-not-robust", _claim_a),
+    claims.with_evaluator("bat.atypical-hurts-typical", _claim_b),
+    claims.with_evaluator("bat.tradeoff", _claim_tradeoff),
 ]
 
 
 def claim_table(result: dict):
-    import pandas as pd
-    rows = []
-    for c in CLAIMS:
-        o = c.judge(result)
-        rows.append({"claim": c.text, "paper": c.paper_value, "ours": o.ours,
-                     "note": o.note, "verdict": o.verdict})
-    return pd.DataFrame(rows)
+    """The chapter's claims with our values, floors, power and verdicts (a DataFrame)."""
+    return claims.table(result, "bat")
 
 
 def dump(result: dict) -> str:

@@ -31,7 +31,6 @@ Everything the notebook shows is stored in each run's metrics.json / arrays.npz.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -387,77 +386,126 @@ def table(result: dict):
         if "autoattack" in m:
             aa = m["autoattack"]
             row[f"AutoAttack-{aa['version']} (first {aa['n']})"] = 100 * aa["accuracy"]
+        valid, why = run_valid(result, name)
+        row["evidence"] = "yes" if valid else why
         pub = PUBLISHED.get(name)
         row["paper: clean / AA"] = (f"{pub['clean']:.2f} / {pub['autoattack']:.2f} "
-                                    f"({pub['source']})" if pub else "Table 2 of the paper")
+                                    f"({pub['source']})" if pub else "not transcribed")
         rows.append(row)
     df = pd.DataFrame(rows).set_index("run")
     return df.round(2)
 
 
-def paired_gain(result: dict, base: str, attack: str) -> tuple[float, float, int]:
-    """Gain (points) of ``base``+HE over ``base`` on per-example robustness under ``attack``
-    ('pgd', 'cw', 'worst', 'autoattack'), and its paired standard error."""
-    def correct(name):
-        r = result["runs"][name]
-        a, m = r["arrays"], r["metrics"]
-        if attack == "autoattack":
-            return np.asarray(a["correct_autoattack"], bool)
-        if attack == "worst":
-            return (np.asarray(a[f"correct_{m['keys']['pgd']}"], bool)
-                    & np.asarray(a[f"correct_{m['keys']['cw']}"], bool))
-        return np.asarray(a[f"correct_{m['keys'][attack]}"], bool)
-    c0, c1 = correct(base), correct(f"{base}_he")
-    d = c1.astype(float) - c0.astype(float)
-    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return 100 * float(d.mean()), 100 * float(se), len(d)
-
-
 # ----------------------------------------------------------------------------- claims
+# Each claim's paper value, source, effect and scale floor are data
+# (repro/claims_data/he.json); the verdict is repro.claims.judge's one rule.
 
-def _full_scale(cfg: dict) -> bool:
-    return cfg["architecture"] == "wrn34_20" and cfg["n_train"] is None and cfg["epochs"] >= 100
-
-
-def _gain_verdict(gain: float, se: float) -> str:
-    if gain > 2 * se and gain > 0:
-        return claims.REPRODUCED
-    if gain > 0:
-        return claims.PARTLY
-    return claims.NOT_REPRODUCED
+ALP_VARIANTS = ("alp", "alp_he")
+ALP_PENDING = "rerun pending: trained with the pre-fix pairing term"
 
 
-def _rb(metric: str, paper_value: float):
+def run_valid(result: dict, name: str) -> tuple[bool, str]:
+    """Whether run ``name`` is evidence. ALP and ALP+HE runs trained before the pairing fix
+    (issue 14: ``losses.logit_pairing`` summed over classes, and ALP+HE paired s·cos θ) are
+    not: a run counts as fixed only if its objective config records its ``pairing`` term
+    (the methods branch writes it); every run published so far lacks it."""
+    if name not in ALP_VARIANTS:
+        return True, ""
+    run = result["runs"][name]
+    cfg = run.get("config")
+    if cfg is None and run.get("path"):
+        from pathlib import Path
+        import json
+        f = Path(run["path"]) / "config.json"
+        cfg = json.loads(f.read_text()) if f.exists() else {}
+    if (cfg or {}).get("objective", {}).get("pairing"):
+        return True, ""
+    return False, ALP_PENDING
+
+
+def _correct(result: dict, name: str, attack: str) -> np.ndarray:
+    r = result["runs"][name]
+    a, m = r["arrays"], r["metrics"]
+    if attack == "autoattack":
+        return np.asarray(a["correct_autoattack"], bool)
+    if attack == "worst":
+        return (np.asarray(a[f"correct_{m['keys']['pgd']}"], bool)
+                & np.asarray(a[f"correct_{m['keys']['cw']}"], bool))
+    return np.asarray(a[f"correct_{m['keys'][attack]}"], bool)
+
+
+def gain(result: dict, base: str, attack: str) -> claims.Estimate:
+    """Gain (points) of ``base``+HE over ``base`` under ``attack`` ('pgd', 'cw', 'worst',
+    'autoattack'): the paired difference over the same test images, with its SE."""
+    return claims.paired(_correct(result, base, attack), _correct(result, f"{base}_he", attack))
+
+
+def paired_gain(result: dict, base: str, attack: str) -> tuple[float, float, int]:
+    """``gain`` as (points, SE in points, images)."""
+    e = gain(result, base, attack)
+    return e.value, e.se, e.n
+
+
+def gain_table(result: dict):
+    """HE's gain over each base method per attack (a pandas DataFrame): paired difference,
+    its SE and 95% interval, the smallest effect detectable with 80% power, and whether the
+    runs are valid evidence."""
+    import pandas as pd
+    rows = []
+    for v in result["config"]["variants"]:
+        if not {v, f"{v}_he"} <= set(result["runs"]):
+            continue
+        ok = all(run_valid(result, n)[0] for n in (v, f"{v}_he"))
+        attacks_ = ["pgd", "cw", "worst"] + (["autoattack"] if "autoattack" in
+                                             result["runs"][v]["metrics"] else [])
+        for attack in attacks_:
+            e = gain(result, v, attack)
+            lo, hi = e.interval
+            rows.append({"method": LABELS[v], "attack": attack, "gain": round(e.value, 1),
+                         "SE": round(e.se, 1), "95% interval": f"[{lo:+.1f}, {hi:+.1f}]",
+                         "detectable (80% power)": round(e.mde, 1), "images": e.n,
+                         "evidence": "yes" if ok else ALP_PENDING})
+    return pd.DataFrame(rows)
+
+
+def _facts(result: dict, base: str, attack: str) -> dict:
+    cfg, m = result["config"], result["runs"][base]["metrics"]
+    n = len(_correct(result, base, attack))
+    return {"full_training_set": cfg.get("n_train") is None,
+            "baseline_clean": m["accuracy"]["clean"], "test_images": n,
+            "aa_images": n if attack == "autoattack" else 0,
+            "architecture": cfg.get("architecture"), "epochs": cfg.get("epochs")}
+
+
+def _rb(claim_id: str, metric: str):
     def judge(result: dict) -> claims.Outcome:
         if "pgd_at_he" not in result["runs"]:
             return claims.Outcome("—", claims.NOT_YET_RUN, note="no PGD-AT+HE run published")
         m = result["runs"]["pgd_at_he"]["metrics"]
         if metric == "autoattack" and "autoattack" not in m:
             return claims.Outcome("—", claims.NOT_YET_RUN, note="the run has no AutoAttack")
-        ours = 100 * (m["accuracy"]["clean"] if metric == "clean" else m["autoattack"]["accuracy"])
+        ok = (_correct(result, "pgd_at_he", "autoattack") if metric == "autoattack" else
+              np.asarray(result["runs"]["pgd_at_he"]["arrays"]["correct_clean"], bool))
+        est = claims.proportion(float(ok.mean()), len(ok))
         cfg = result["config"]
-        if not _full_scale(cfg):
-            return claims.Outcome(f"{ours:.1f}% ({cfg['architecture']}, preset "
-                                  f"{cfg['preset']}: not comparable)", claims.NOT_YET_RUN,
-                                  value=ours, note="needs the paper-scale WRN-34-20 run")
-        diff = abs(ours - paper_value)
-        verdict = (claims.REPRODUCED if diff <= 1 else claims.PARTLY if diff <= 3
-                   else claims.NOT_REPRODUCED)
-        return claims.Outcome(f"{ours:.2f}%", verdict, value=ours)
+        facts = {**_facts(result, "pgd_at_he", "worst"), "test_images": len(ok),
+                 "aa_images": len(ok) if metric == "autoattack" else 0}
+        return claims.judge(claim_id, est, facts,
+                            ours=f"{est.value:.1f}% ± {est.se:.1f} ({cfg['architecture']}, "
+                                 f"preset {cfg['preset']})")
     return judge
 
 
-def _gain_claim(attack: str):
+def _gain_claim(claim_id: str, attack: str):
     def judge(result: dict) -> claims.Outcome:
         if not {"pgd_at", "pgd_at_he"} <= set(result["runs"]):
             return claims.Outcome("—", claims.NOT_YET_RUN, note="PGD-AT ± HE not both run")
         if attack == "autoattack" and "autoattack" not in result["runs"]["pgd_at"]["metrics"]:
             return claims.Outcome("—", claims.NOT_YET_RUN, note="the run has no AutoAttack")
-        g, se, n = paired_gain(result, "pgd_at", attack)
-        return claims.Outcome(f"{g:+.1f} ± {se:.1f} points (n = {n})",
-                              _gain_verdict(g, se), value=g,
-                              note="paired difference ± its standard error; reproduced "
-                                   "needs gain > 2 SE")
+        est = gain(result, "pgd_at", attack)
+        return claims.judge(claim_id, est, _facts(result, "pgd_at", attack),
+                            ours=f"{est} points (n = {est.n})",
+                            note="paired difference over the same test images, 95% interval")
     return judge
 
 
@@ -467,34 +515,35 @@ def _orthogonal(result: dict) -> claims.Outcome:
         return claims.Outcome("—", claims.NOT_YET_RUN, note="TRADES/ALP ± HE not run")
     attack = ("autoattack" if all("autoattack" in result["runs"][b]["metrics"] for b in bases)
               else "worst")
-    gains = {b: paired_gain(result, b, attack) for b in bases}
-    verdicts = [_gain_verdict(g, se) for g, se, _ in gains.values()]
-    if len(bases) == 2 and all(v == claims.REPRODUCED for v in verdicts):
-        verdict = claims.REPRODUCED
-    elif any(g > 0 for g, _, _ in gains.values()):
-        verdict = claims.PARTLY
-    else:
-        verdict = claims.NOT_REPRODUCED
-    ours = "; ".join(f"{LABELS[b]}: {g:+.1f} ± {se:.1f}" for b, (g, se, _) in gains.items())
-    return claims.Outcome(f"{ours} points ({attack})", verdict,
-                          value=float(np.mean([g for g, _, _ in gains.values()])))
+    parts, texts = [], []
+    for b in bases:
+        est = gain(result, b, attack)
+        ok = all(run_valid(result, n)[0] for n in (b, f"{b}_he"))
+        if not ok:
+            parts.append(claims.invalid(f"{LABELS[b]}: {est}", ALP_PENDING))
+            texts.append(f"{LABELS[b]}: {est} ({ALP_PENDING})")
+            continue
+        parts.append(claims.judge("he.orthogonal", est, _facts(result, b, attack)))
+        texts.append(f"{LABELS[b]}: {est} ({parts[-1].verdict})")
+    missing = [LABELS[b] for b in ("trades", "alp") if b not in bases]
+    out = claims.combine(parts, "; ".join(texts) + f" points ({attack})",
+                         note=(f"{', '.join(missing)} ± HE not run. " if missing else "")
+                         + "One verdict per base method, combined: reproduced only if every "
+                           "base is; an invalid or inconclusive part leaves the claim "
+                           "inconclusive.")
+    return dataclasses.replace(out, value=float(np.mean([gain(result, b, attack).value
+                                                         for b in bases])))
 
 
 CLAIMS = [
-    dataclasses.replace(claims.get("he.rb-clean"), evaluate=_rb("clean", 85.14)),
-    dataclasses.replace(claims.get("he.rb-aa"), evaluate=_rb("autoattack", 53.74)),
-    dataclasses.replace(claims.get("he.pgd-gain"), evaluate=_gain_claim("pgd")),
-    dataclasses.replace(claims.get("he.aa-gain"), evaluate=_gain_claim("autoattack")),
-    dataclasses.replace(claims.get("he.orthogonal"), evaluate=_orthogonal),
+    claims.with_evaluator("he.rb-clean", _rb("he.rb-clean", "clean")),
+    claims.with_evaluator("he.rb-aa", _rb("he.rb-aa", "autoattack")),
+    claims.with_evaluator("he.pgd-gain", _gain_claim("he.pgd-gain", "pgd")),
+    claims.with_evaluator("he.aa-gain", _gain_claim("he.aa-gain", "autoattack")),
+    claims.with_evaluator("he.orthogonal", _orthogonal),
 ]
 
 
 def verdicts(result: dict):
-    """The chapter's claims with our values and verdicts (a pandas DataFrame)."""
-    import pandas as pd
-    rows = []
-    for c in CLAIMS:
-        o = c.judge(result)
-        rows.append({"claim": c.text, "paper": c.paper_value + (f" ({c.unit})" if c.unit else ""),
-                     "ours": o.ours, "verdict": o.verdict})
-    return pd.DataFrame(rows)
+    """The chapter's claims with our values, floors, power and verdicts (a DataFrame)."""
+    return claims.table(result, "he")
