@@ -71,7 +71,7 @@ def _relativise_outputs(nb_path: Path) -> None:
 
 def prepare_for_book(src: Path, dst: Path) -> Path:
     """Copy an executed chapter notebook to where the book renders it, tidied for readers:
-    the source's parameters cell (all ``None``) is removed from the page (papermill's
+    the source's parameters cell (all ``...``) is removed from the page (papermill's
     injected-parameters cell, which shows the values actually used, stays), and this
     machine's absolute paths become relative."""
     nb = json.loads(Path(src).read_text())
