@@ -42,9 +42,11 @@ TINY_INTRO = ["experiment", "intro", "-p", "n_train", "200", "-p", "n_test", "10
 
 
 def _cli(*args, **env):
+    # PYTHONPATH: a notebook kernel (cwd notebooks/) imports this checkout's repro too
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "repro", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env})
 
 
 def _last_line(stderr: str) -> str:
@@ -153,3 +155,16 @@ def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsy
     assert cli.main(["experiment", "intro", "-p", "epochs", "None"]) == 2
     with pytest.raises(params.ParameterError, match="'epochs' cannot be None"):
         params.from_notebook(intro.SPEC, _notebook_namespace("intro", {"epochs": None}))
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_cell_is_one_message(tmp_path):
+    """`run` validates, then papermill's error (whose text is the cell's whole traceback)
+    becomes the cell's exception in one line."""
+    r = _cli("run", "intro", "--output", str(tmp_path / "out.ipynb"), REPRO_DATA=str(tmp_path),
+             REPRO_RESULTS=str(tmp_path / "results"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    message = r.stderr[r.stderr.index("error: "):]  # after the kernel's own log lines
+    assert message.startswith("error: the notebook failed in cell ")
+    assert "DataNotFoundError: dataset 'mnist' not found" in message.splitlines()[0]
+    assert message.rstrip().endswith("[--debug shows the traceback]")
