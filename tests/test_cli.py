@@ -72,11 +72,11 @@ def test_bad_parameters_exit_2_before_any_work(tmp_path, data_root):
              (["-p", "n_test", "20000"], "error: parameter 'n_test' must be <= 10000, got 20000"),
              (["-p", "epochs", "None"], "error: parameter 'epochs' cannot be None"),
              (["-p", "epoch", "3"], "error: unknown parameter 'epoch'")]
-    for command in ("experiment", "run"):
-        for args, message in cases:
-            r = _cli(command, "intro", *args, REPRO_RESULTS=str(tmp_path))
-            assert r.returncode == 2 and r.stderr.startswith(message), (args, r.stderr)
-            assert "Traceback" not in r.stderr
+    for command, args, message in [("experiment", *case) for case in cases] + \
+            [("run", *case) for case in cases[:3:2]]:  # run: the same check, before papermill
+        r = _cli(command, "intro", *args, REPRO_RESULTS=str(tmp_path))
+        assert r.returncode == 2 and r.stderr.startswith(message), (args, r.stderr)
+        assert "Traceback" not in r.stderr
     # beyond a split's size where no spec bound knows the dataset (LMT's n_train): refused when
     # the data are loaded, before that dataset's training
     r = _cli("experiment", "lmt", "-p", "datasets", "['cifar10']", "-p", "n_train", "48001",
