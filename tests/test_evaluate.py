@@ -161,6 +161,7 @@ def _first_logits(model, k):
 
 
 @pytest.mark.parametrize("k,version,kept", [
+    (2, "standard", ["apgd-ce", "fab-t", "square"]),
     (3, "standard", ["apgd-ce", "fab-t", "square"]),
     (3, "fast", ["apgd-ce"]),
     (4, "fast", ["apgd-ce", "apgd-t"]),
@@ -171,8 +172,8 @@ def test_autoattack_with_fewer_than_4_classes_leaves_out_apgd_t(mnist, model, k,
     the result says so; from 4 classes on nothing changes."""
     keep = mnist.y_test < k
     x, y = mnist.x_test[keep][:16], mnist.y_test[keep][:16]
-    r = E.autoattack(_first_logits(model, k), x, y, eps=EPS, version=version, n_iter=5,
-                     square_queries=20)
+    r = E.autoattack(_first_logits(model, k), x, y, eps=0.3, version=version, n_iter=5,
+                     square_queries=20)  # 0.3: also breaks the easy 0-vs-1 model
     (key,) = r.per_attack
     info = r.info[key]
     assert key == f"autoattack-{version}-modified" and info["attacks"] == kept
@@ -181,3 +182,8 @@ def test_autoattack_with_fewer_than_4_classes_leaves_out_apgd_t(mnist, model, k,
     else:
         assert info["dropped"] == {}
     assert r.clean.mean() > 0.9 and r.per_attack[key].sum() < r.clean.sum()  # it attacked
+
+
+def test_autoattack_refuses_a_single_logit(mnist, model):
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        E.autoattack(_first_logits(model, 1), mnist.x_test[:4], mnist.y_test[:4] * 0, eps=EPS)
