@@ -102,7 +102,9 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
             progress: bool = True, log=print) -> dict:
     """Publish ``chapter`` at ``preset``; returns the publication record."""
     from repro.cli import validate_notebook
-    overrides = dict(overrides or {})
+    from repro.params import PRESET
+    # ``...`` means "the preset's value": no override (papermill would inject "Ellipsis")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not PRESET}
     if preset == "smoke" and not allow_smoke:
         raise PublishError("smoke runs prove only that the code runs: publish laptop, gpu "
                            "or paper results")
