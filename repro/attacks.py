@@ -4,7 +4,8 @@ Bounded attacks: ``pgd`` (L-inf / L2, random start, restarts, loss choice, targe
 ``fgsm`` (also Wong et al.'s FGSM-RS). Minimal-distance L2 attacks for the LMT chapter:
 ``cw_l2`` (Carlini & Wagner 2017) and ``deepfool_l2`` (Moosavi-Dezfooli et al. 2016).
 
-Every attack runs the model in eval mode with its parameters frozen and restores both
+Every attack refuses images outside [0, 1] (``check_images``: a ``ValueError`` naming the
+range it got), runs the model in eval mode with its parameters frozen and restores both
 afterwards (``eval_mode``), computes losses in float32 (so it works under a bf16 autocast
 opened by the caller), and returns images inside the threat model and [0, 1] exactly: the
 last operation on every returned tensor is the projection/clamp.
@@ -43,6 +44,47 @@ def eval_mode(model: torch.nn.Module):
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def check_images(x: torch.Tensor, where: str, *, allow_uint8: bool = False) -> None:
+    """Refuse images that are not un-normalised pixels: float values in [0, 1] (or, where
+    ``allow_uint8``, uint8 pixels 0..255, which ``repro.data.to_float`` maps to [0, 1]).
+
+    Normalisation is the model's first layer (``repro.models.norms.Normalize``), so a batch
+    already normalised with a mean/std, or float pixels in 0..255, would be attacked with an
+    eps meant for [0, 1] and clamped into [0, 1] by every projection: results that mean
+    nothing. Every public function of ``repro`` that takes images calls this once per call:
+    one ``aminmax`` and one host sync (never per attack step). Empty batches pass.
+
+    Raises ``ValueError`` naming ``where``, the dtype or the range found (min/max).
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"{where}: images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.uint8 and allow_uint8:
+        return
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{where}: images must be float pixels in [0, 1]"
+            + (" or uint8 pixels" if allow_uint8 else
+               " (convert uint8 images with repro.data.to_float)") + f", got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(x.detach())).float().tolist()  # the one host sync
+    if lo >= 0 and hi <= 1:  # False for NaN too
+        return
+    if math.isnan(lo) or math.isnan(hi):
+        hint = ": the images contain NaN"
+    elif lo < 0:
+        hint = (": negative values look like images already normalised with a mean/std; pass "
+                "the raw [0, 1] images (normalisation is the model's first layer)")
+    else:
+        hint = (": values above 1 look like 0..255 pixels; divide by 255 (or pass uint8 "
+                "images where accepted). Pass un-normalised [0, 1] images; normalisation is "
+                "the model's first layer")
+    raise ValueError(f"{where}: images must be un-normalised float pixels in [0, 1], got "
+                     f"values in [{lo:.4g}, {hi:.4g}]{hint}")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -147,6 +189,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     """
     if steps < 0 or restarts < 1:
         raise ValueError("need steps >= 0 and restarts >= 1")
+    check_images(x, "attacks.pgd")
     loss_fn = _loss_fn(loss)
     x, y = x.detach(), y.detach()
     with eval_mode(model):
@@ -204,6 +247,7 @@ def cw_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
     Returns (x_adv, dist): the smallest-L2 misclassified point found per example (x itself
     where none was found) and its L2 distance (inf where none was found).
     """
+    check_images(x, "attacks.cw_l2")
     x, y = x.detach(), y.detach()
     n, shape1 = len(x), (-1,) + (1,) * (x.dim() - 1)
     dev = x.device
@@ -248,6 +292,7 @@ def deepfool_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
 
     Returns (x_adv, dist) like ``cw_l2``; images are clamped to [0, 1].
     """
+    check_images(x, "attacks.deepfool_l2")
     x, y = x.detach(), y.detach()
     shape1 = (-1,) + (1,) * (x.dim() - 1)
     with eval_mode(model):

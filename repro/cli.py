@@ -6,6 +6,10 @@
     python -m repro data prepare                             # offline data -> .data/
     python -m repro bench pgd --device cuda                  # speed benchmarks
     python -m repro publish intro --preset laptop            # notebook + results -> book/published/
+
+An error (a bad parameter, a missing dataset, a corrupt checkpoint, a failed notebook cell)
+prints ``error: ...`` and exits non-zero (2 for parameters, 1 otherwise) without a Python
+traceback; ``--debug`` (anywhere on the line, before NAME for ``bench``) shows it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from repro import experiments, params
 
 
 def _overrides(pairs) -> dict:
-    return {name: params.parse_cli_value(value) for name, value in (pairs or [])}
+    """``-p NAME VALUE`` pairs as values; ``...`` means "the preset's value", like no ``-p``."""
+    values = {name: params.parse_cli_value(value) for name, value in (pairs or [])}
+    return {name: v for name, v in values.items() if v is not params.PRESET}
 
 
 def _add_chapter_args(p):
@@ -117,9 +123,40 @@ def cmd_bench(args, rest) -> int:
     return importlib.import_module(f"repro.benchmarks.{args.name}").main(rest) or 0
 
 
+def _error_message(e: BaseException) -> str:
+    """What the user needs from an error, without the traceback."""
+    if isinstance(e, params.ParameterError):
+        return str(e)
+    if type(e).__name__ == "PapermillExecutionError":  # its str() holds the cell's traceback
+        return (f"the notebook failed in cell {getattr(e, 'exec_count', '?')}: "
+                f"{getattr(e, 'ename', '?')}: {getattr(e, 'evalue', '')}")
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes it
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Run the command line; errors become ``error: ...`` and a non-zero exit code (no
+    traceback unless ``--debug``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    bench = argv[command_at:command_at + 1] == ["bench"]  # its later arguments are its own
+    debug = "--debug" in (argv[:command_at] if bench else argv)
+    if debug:
+        argv.remove("--debug")
+    try:
+        return _main(argv)
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {_error_message(e)} [--debug shows the traceback]", file=sys.stderr)
+        return 2 if isinstance(e, params.ParameterError) else 1
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="validate parameters, then execute a chapter notebook")
     _add_chapter_args(p)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repro.attacks import check_images
+
 SEVERITIES = (1, 2, 3, 4, 5)
 
 PARAMS: dict[str, tuple] = {
@@ -152,6 +154,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, *,
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
     if x.dim() != 4:
         raise ValueError(f"expected NCHW images, got shape {tuple(x.shape)}")
+    check_images(x, "corruptions.corrupt", allow_uint8=True)
     xf = _to_float(x)
     g = _generator(name, severity, seed, xf.device)
     out = _FUNCS[name](xf, PARAMS[name][severity - 1], g).clamp(0, 1)

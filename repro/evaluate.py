@@ -121,7 +121,9 @@ def _describe(attack) -> str:
 
 def predict(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device=None) -> torch.Tensor:
-    """Eval-mode argmax predictions (on the CPU) for uint8 or float images."""
+    """Eval-mode argmax predictions (on the CPU) for uint8 or float images in [0, 1]
+    (``ValueError`` otherwise, see ``repro.attacks.check_images``)."""
+    A.check_images(x, "evaluate.predict", allow_uint8=True)
     device = _model_device(model) if device is None else torch.device(device)
     out = []
     with A.eval_mode(model), torch.no_grad():
@@ -138,8 +140,10 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     ``x``: uint8 or float images in [0, 1] (any device; batches are moved to ``device``,
     default the model's device, where the model is moved as well). ``threat=(norm, eps)``
-    asserts that every adversarial batch stays in that ball and in [0, 1].
+    asserts that every adversarial batch stays in that ball and in [0, 1]. Float images
+    outside [0, 1] (normalised, or 0..255) raise ``ValueError`` before any work.
     """
+    A.check_images(x, "evaluate.robust_eval", allow_uint8=True)
     if not isinstance(attacks, Mapping):
         names = [getattr(a, "__name__", type(a).__name__) for a in attacks]
         attacks = {(n if names.count(n) == 1 else f"{n}#{i}"): a
@@ -195,12 +199,19 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     ``n_iter`` / ``n_target_classes`` / ``square_queries`` override AutoAttack's fixed
     budgets; the result key then reads ``autoattack-<version>-modified`` and ``info`` lists
     the overrides. AutoAttack's own check warnings are kept in ``info``.
+
+    Fewer than 4 classes: APGD-T cannot run (its targeted DLR loss divides by the gap to the
+    4th-largest logit; the package fails with an IndexError), so it is left out, the key
+    reads ``-modified`` and ``info["dropped"]`` says why; FAB-T then targets the n-1 other
+    classes. Fewer than 2 classes raise ``ValueError``. Float images outside [0, 1] raise
+    ``ValueError`` (``repro.attacks.check_images``).
     """
     from pyautoattack import AutoAttack
 
     if version not in ("standard", "fast"):
         raise ValueError(f"version must be 'standard' or 'fast', got {version!r}")
     _, aa_norm = _norms(norm)
+    A.check_images(x, "evaluate.autoattack", allow_uint8=True)
     device = _model_device(model) if device is None else torch.device(device)
     model.to(device)
     xf, y = to_float(x).float(), y.long()
@@ -209,6 +220,9 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     with A.eval_mode(model):
         with torch.no_grad():
             n_cls = model(xf[:1].to(device)).shape[1]
+        if n_cls < 2:
+            raise ValueError(f"evaluate.autoattack: the model has {n_cls} output; AutoAttack "
+                             f"needs logits for at least 2 classes")
         if version == "standard":
             aa = AutoAttack(model, norm=aa_norm, eps=eps, version="standard", device=device,
                             seed=seed)
@@ -221,6 +235,11 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         # fewer classes than AutoAttack's 9 targets (e.g. a 5-class toy): use all of them
         aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, n_cls - 1)
         aa.fab.n_target_classes = min(aa.fab.n_target_classes, n_cls - 1)
+        dropped = {}
+        if n_cls < 4 and "apgd-t" in aa.attacks_to_run:
+            aa.attacks_to_run = [a for a in aa.attacks_to_run if a != "apgd-t"]
+            dropped["apgd-t"] = (f"needs at least 4 classes (targeted DLR loss); the model "
+                                 f"has {n_cls}")
         overrides = {}
         if n_iter is not None:
             aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = overrides["n_iter"] = n_iter
@@ -247,11 +266,11 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
                 aa.logger.removeHandler(handler)
             aa.logger.setLevel(old_level)
             aa.logger.propagate = old_prop
-    key = f"autoattack-{version}" + ("-modified" if overrides else "")
+    key = f"autoattack-{version}" + ("-modified" if overrides or dropped else "")
     robust = clean.numpy() & (y_adv.cpu() == y.cpu()).numpy()
     info = {"package": "pyautoattack", "version": version, "norm": aa_norm, "eps": eps,
             "attacks": list(aa.attacks_to_run), "seed": seed, "overrides": overrides,
-            "warnings": capture.messages}
+            "dropped": dropped, "warnings": capture.messages}
     return EvalResult(clean.numpy(), {key: robust}, {key: info})
 
 
@@ -304,7 +323,9 @@ def _pct(v: float) -> str:
 
 def zero_gradient_fraction(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                            batch_size: int = 256, device=None) -> float:
-    """Fraction of examples whose cross-entropy input-gradient is exactly zero."""
+    """Fraction of examples whose cross-entropy input-gradient is exactly zero (uint8 or
+    float images in [0, 1])."""
+    A.check_images(x, "evaluate.zero_gradient_fraction", allow_uint8=True)
     device = _model_device(model) if device is None else torch.device(device)
     zero = 0
     with A.eval_mode(model):
@@ -333,6 +354,7 @@ def sanity_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     """
     from pyautoattack.square import SquareAttack
 
+    A.check_images(x, "evaluate.sanity_report", allow_uint8=True)
     lnorm, aa_norm = _norms(norm)
     n = len(y)
     tol = max(tol, 1.0 / max(1, n))  # one example can always flip

@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.attacks import check_images
+from repro.data import to_float
+
 SQRT2 = math.sqrt(2.0)
 # Relative inflation of every rigorous float64 bound: SVD / FFT rounding is ~1e-13 relative.
 SLACK = 1e-8
@@ -729,12 +732,14 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound, *,
             batch_size: int = 500) -> torch.Tensor:
     """Certified radii of (x, y) under ``bound`` (a float L or a pairwise matrix, e.g. from
     ``network_bound``), with logits from a float64 eval-mode copy of the model so rounding of
-    the margin is negligible next to it."""
+    the margin is negligible next to it. ``x``: uint8 or float images in [0, 1] (the radius is
+    in [0, 1]-pixel units; ``ValueError`` otherwise, see ``repro.attacks.check_images``)."""
+    check_images(x, "lipschitz.certify", allow_uint8=True)
     net = copy.deepcopy(model).double().eval()
     bound = torch.as_tensor(bound, dtype=torch.float64)
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(next(net.parameters()).device).double()
+        xb = to_float(x[i:i + batch_size].to(next(net.parameters()).device)).double()
         out.append(certified_radius(net(xb), y[i:i + batch_size].to(xb.device),
                                     bound.to(xb.device)).cpu())
     return torch.cat(out)

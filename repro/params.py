@@ -2,14 +2,21 @@
 
 papermill only *warns* on a parameter the notebook does not declare, so a typo like
 ``-p epoch 5`` silently runs the default. Here every chapter declares its parameters with
-types; an unknown name, an ill-typed value or an unknown preset stops the run before any work
-starts, with a message that names the culprit and lists what is valid.
+types and valid ranges; an unknown name, an ill-typed or out-of-range value or an unknown
+preset stops the run before any work starts, with a message that names the culprit and lists
+what is valid.
+
+One meaning of a value everywhere (CLI ``-p``, papermill ``-p``, ``Spec.resolve``, the
+notebooks): a parameter left out keeps the preset's value, and so does ``...`` (Ellipsis,
+``PRESET``: the default of every name in the notebooks' parameters cells). ``None`` is a
+value, accepted only by ``optional`` parameters, whose help says what it means (e.g.
+``n_train``: all training images); elsewhere it is an error.
 """
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 PRESETS = ("smoke", "laptop", "gpu", "paper")
 PRESET_HELP = {
@@ -21,38 +28,87 @@ PRESET_HELP = {
 
 
 class ParameterError(ValueError):
-    """A chapter parameter is unknown, ill-typed, or names an unknown preset."""
+    """A chapter parameter is unknown, ill-typed, out of range, or names an unknown preset."""
+
+
+PRESET = ...  # an override of ``...`` keeps the preset's value (like leaving it out)
+
+_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+           ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
 
 
 @dataclass(frozen=True)
 class Param:
+    """One chapter parameter. ``ge``/``gt``/``le``/``lt``: inclusive/strict bounds of a number,
+    or of every item of a list; a bound may name another numeric parameter of the same spec
+    (e.g. ``le="n_test"``), checked once the whole config is known. ``min_items``: the
+    shortest valid list."""
+
     name: str
     type: str  # "int", "float", "str", "bool", "list[float]", "list[int]", "list[str]"
     help: str
     choices: tuple | None = None
-    optional: bool = False  # a preset may set None (e.g. "no limit"); an override of None
-                            # always means "keep the preset's value"
+    optional: bool = False  # None is a valid value, meaning what ``help`` says (e.g. "all")
+    ge: float | str | None = None
+    gt: float | str | None = None
+    le: float | str | None = None
+    lt: float | str | None = None
+    min_items: int = 0
+
+    def bounds(self) -> list[tuple[str, Any, Callable]]:
+        """(symbol, bound, test) of every declared bound."""
+        return [(sym, getattr(self, k), test) for k, sym, test in _BOUNDS
+                if getattr(self, k) is not None]
 
     def describe(self) -> str:
         kind = self.type + (" or None" if self.optional else "")
+        each = "items " if self.type.startswith("list") else ""
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        high = (self.le, "]") if self.le is not None else (self.lt, ")")
+        if low[1] is not None and high[0] is not None:
+            rng = [f"{each}in {low[0]}{low[1]}, {high[0]}{high[1]}"]
+        else:
+            rng = [f"{each}{sym} {b}" for sym, b, _ in self.bounds()]
+        if self.min_items:
+            rng.append(f"at least {self.min_items} item{'s' if self.min_items > 1 else ''}")
         extra = f", one of {'|'.join(map(str, self.choices))}" if self.choices else ""
-        return f"{self.name} ({kind}{extra}): {self.help}"
+        return f"{self.name} ({kind}{extra}){' ' + ', '.join(rng) if rng else ''}: {self.help}"
 
-    def check(self, value: Any) -> Any:
-        """Return the value (ints widened to float where a float is declared) or raise."""
-        if value is None and self.optional:
-            return None
+    def check(self, value: Any, config: dict | None = None) -> Any:
+        """Return the value (ints widened to float where a float is declared) or raise.
+        ``config``: the other parameters' values, for bounds that name one of them."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ParameterError(
+                f"parameter {self.name!r} cannot be None: None is a value only for parameters "
+                f"whose help gives it a meaning (shown as 'or None' by python -m repro params "
+                f"CHAPTER). Leave {self.name!r} out, or pass ..., to keep the preset's value")
         ok, coerced = _check_type(self.type, value)
         if not ok:
             raise ParameterError(f"parameter {self.name!r} must be {self.type}"
                                  f"{' or None' if self.optional else ''}, got {value!r} "
                                  f"({type(value).__name__})")
+        items = coerced if self.type.startswith("list") else [coerced]
         if self.choices is not None:
-            items = coerced if self.type.startswith("list") else [coerced]
             bad = [v for v in items if v not in self.choices]
             if bad:
                 raise ParameterError(f"parameter {self.name!r} got {bad[0]!r}; valid choices: "
                                      f"{', '.join(map(str, self.choices))}")
+        if len(items) < self.min_items:
+            raise ParameterError(f"parameter {self.name!r} needs at least {self.min_items} "
+                                 f"item(s), got {value!r}")
+        for sym, bound, test in self.bounds():
+            what = ""
+            if isinstance(bound, str):  # another parameter's value
+                if config is None or config.get(bound) is None:
+                    continue
+                what, bound = f" ({bound})", config[bound]
+            bad = [v for v in items if not test(v, bound)]
+            if bad:
+                got = (f" (every item), got {bad[0]!r} in {value!r}"
+                       if self.type.startswith("list") else f", got {value!r}")
+                raise ParameterError(f"parameter {self.name!r} must be {sym} {bound}{what}{got}")
         return coerced
 
 
@@ -86,6 +142,11 @@ class Spec:
 
     def __post_init__(self):
         self.by_name = {p.name: p for p in self.params}
+        for p in self.params:
+            for _, bound, _ in p.bounds():
+                if isinstance(bound, str) and bound not in self.by_name:
+                    raise ValueError(f"{self.chapter}: {p.name}'s bound names unknown "
+                                     f"parameter {bound!r}")
         for preset, values in self.presets.items():
             if preset not in PRESETS:
                 raise ValueError(f"{self.chapter}: unknown preset {preset!r} in spec")
@@ -101,10 +162,12 @@ class Spec:
         return "\n  ".join(lines)
 
     def resolve(self, preset: str = "smoke", **overrides) -> dict[str, Any]:
-        """The full config for ``preset`` with ``overrides`` applied; strict.
+        """The full config for ``preset`` with ``overrides`` applied; strict: types, choices
+        and ranges of every value (the presets' own too) are checked.
 
-        An override of None keeps the preset's value: a notebook's parameters cell sets every
-        override to None, meaning "the preset decides".
+        An override of ``...`` (``PRESET``) keeps the preset's value: a notebook's parameters
+        cell sets every name to ``...``, meaning "the preset decides". An override of None
+        sets None, which only ``optional`` parameters accept (their help says what it means).
         """
         if not isinstance(preset, str) or preset not in self.presets:
             raise ParameterError(
@@ -114,14 +177,16 @@ class Spec:
         if unknown:
             raise ParameterError(
                 f"unknown parameter {unknown[0]!r} for chapter {self.chapter!r}. "
-                f"Valid parameters and their types:\n  {self.describe()}")
+                f"Valid parameters, their types and ranges:\n  {self.describe()}")
         config = dict(self.presets[preset])
         for name, value in overrides.items():
-            if value is None:
+            if value is PRESET:
                 continue
             config[name] = self.by_name[name].check(value)
         for name, value in config.items():  # the presets themselves must type-check too
             config[name] = self.by_name[name].check(value)
+        for name, value in config.items():  # bounds that name another parameter
+            self.by_name[name].check(value, config)
         return {"chapter": self.chapter, "preset": preset, **config}
 
 
@@ -149,7 +214,7 @@ def from_notebook(spec: Spec, namespace: dict) -> dict[str, Any]:
         elif first_time:  # a re-run in a live session has the notebook's own later names
             raise ParameterError(
                 f"unknown parameter {name!r} for chapter {spec.chapter!r}. "
-                f"Valid parameters and their types:\n  {spec.describe()}")
+                f"Valid parameters, their types and ranges:\n  {spec.describe()}")
     namespace[_CHECKED] = True
     preset = given.pop("preset", "smoke")
     return spec.resolve(preset, **given)
@@ -157,8 +222,9 @@ def from_notebook(spec: Spec, namespace: dict) -> dict[str, Any]:
 
 def parse_cli_value(text: str) -> Any:
     """Parse a ``-p name value`` string the way papermill does (YAML-like literals).
-    Lower-case ``none`` stays a string: it is a valid choice of some parameters (e.g. BAT's
-    ``contrast``, ``autoattack``), and papermill keeps it a string too."""
+    ``None`` / ``null`` is None, a value (see the module docstring); ``...`` keeps the
+    preset's value. Lower-case ``none`` stays a string: it is a valid choice of some
+    parameters (e.g. BAT's ``contrast``, ``autoattack``), and papermill keeps it a string too."""
     import ast
     lowered = text.strip()
     if lowered in ("None", "null"):

@@ -71,7 +71,7 @@ def _relativise_outputs(nb_path: Path) -> None:
 
 def prepare_for_book(src: Path, dst: Path) -> Path:
     """Copy an executed chapter notebook to where the book renders it, tidied for readers:
-    the source's parameters cell (all ``None``) is removed from the page (papermill's
+    the source's parameters cell (all ``...``) is removed from the page (papermill's
     injected-parameters cell, which shows the values actually used, stays), and this
     machine's absolute paths become relative."""
     nb = json.loads(Path(src).read_text())
@@ -102,7 +102,9 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
             progress: bool = True, log=print) -> dict:
     """Publish ``chapter`` at ``preset``; returns the publication record."""
     from repro.cli import validate_notebook
-    overrides = dict(overrides or {})
+    from repro.params import PRESET
+    # ``...`` means "the preset's value": no override (papermill would inject "Ellipsis")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not PRESET}
     if preset == "smoke" and not allow_smoke:
         raise PublishError("smoke runs prove only that the code runs: publish laptop, gpu "
                            "or paper results")

@@ -437,11 +437,13 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                             atomic_save(model.state_dict(), best_path)
                     record["seconds"] = round(epoch_seconds + time.perf_counter() - t_piece, 3)
                     history.append(record)
+                    total_seconds += time.perf_counter() - t_piece
+                    # reset the running sums *before* the epoch-end checkpoint: a run resumed
+                    # from it must not average the finished epoch into the next one's log
+                    t_piece, epoch_seconds, sums, counted = time.perf_counter(), 0.0, {}, 0
                     save_checkpoint()
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    total_seconds += time.perf_counter() - t_piece
-                    t_piece, epoch_seconds, sums, counted = time.perf_counter(), 0.0, {}, 0
                     if progress:
                         bar.write(_format_record(record))
                 elif cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:

@@ -276,3 +276,44 @@ def test_pgd_under_bf16_autocast(model, xy):
     assert (x_l2 - x).flatten(1).norm(dim=1).max() <= EPS_L2 + 1e-6
     assert min(x_adv.min(), x_l2.min()) >= 0 and max(x_adv.max(), x_l2.max()) <= 1
     assert acc(model, x_adv, y) < acc(model, x, y) - 0.2
+
+
+def _bad_images(x):
+    """The two mistakes of issue 13: MNIST already normalised with its mean/std, and float
+    pixels in 0..255."""
+    mean, std = data.MEAN_STD["mnist"]
+    return {"normalised": (x - mean[0]) / std[0], "0..255": x * 255}
+
+
+@pytest.mark.parametrize("attack", [
+    lambda m, x, y: A.pgd(m, x, y, eps=EPS, alpha=EPS / 4, steps=2),
+    lambda m, x, y: A.pgd(m, x, y, eps=EPS_L2, alpha=0.5, steps=2, norm="l2"),
+    lambda m, x, y: A.fgsm(m, x, y, eps=EPS),
+    lambda m, x, y: A.cw_l2(m, x, y, steps=2, binary_search_steps=1),
+    lambda m, x, y: A.deepfool_l2(m, x, y, steps=2),
+], ids=["pgd", "pgd-l2", "fgsm", "cw_l2", "deepfool_l2"])
+def test_attacks_refuse_images_outside_0_1(model, xy, attack):
+    x, y = xy[0][:8], xy[1][:8]
+    for kind, bad in _bad_images(x).items():
+        lo, hi = bad.min().item(), bad.max().item()
+        with pytest.raises(ValueError, match=r"un-normalised .*\[0, 1\], got values in") as e:
+            attack(model, bad, y)
+        assert f"[{lo:.4g}, {hi:.4g}]" in str(e.value), (kind, str(e.value))
+        assert ("normalised with a mean/std" if kind == "normalised" else "divide by 255") \
+            in str(e.value)
+    with pytest.raises(ValueError, match="contain NaN"):
+        attack(model, torch.where(x > 0.5, math.nan, x), y)
+    with pytest.raises(ValueError, match="repro.data.to_float"):  # uint8 must be converted
+        attack(model, (x * 255).round().to(torch.uint8), y)
+    attack(model, x, y)  # the same images in [0, 1] run
+
+
+def test_check_images_edges():
+    A.check_images(torch.zeros(0, 1, 28, 28), "empty")  # an empty batch passes
+    A.check_images(torch.tensor([0.0, 1.0]), "bounds")  # both ends are in range
+    A.check_images(torch.tensor([0, 255], dtype=torch.uint8), "u8", allow_uint8=True)
+    A.check_images(torch.tensor([0.0, 1.0], dtype=torch.bfloat16), "bf16")
+    with pytest.raises(ValueError, match=r"where: .*got values in \[0, 1\.001\]"):
+        A.check_images(torch.tensor([0.0, 1.001]), "where")
+    with pytest.raises(ValueError, match="got dtype torch.int64"):
+        A.check_images(torch.tensor([0, 1]), "int", allow_uint8=True)

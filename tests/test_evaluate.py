@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from repro import attacks as A
+from repro import corruptions, data, lipschitz
 from repro import evaluate as E
 from test_attacks import EPS, tiny_mnist_cnn  # one trained model per test process
 
@@ -123,3 +124,66 @@ def test_sanity_report_flags_masked_gradients(model, xy):
     assert not rep["zero_gradients"].passed
     assert rep["zero_gradients"].observed["fraction"] == 1.0
     assert not rep["blackbox_not_better"].passed
+
+
+@pytest.mark.parametrize("entry", [
+    lambda m, x, y: E.predict(m, x),
+    lambda m, x, y: E.robust_eval(m, x, y, {"none": lambda m, x, y: x}, progress=False),
+    lambda m, x, y: E.autoattack(m, x, y, eps=EPS, version="fast", n_iter=2),
+    lambda m, x, y: E.zero_gradient_fraction(m, x, y),
+    lambda m, x, y: E.sanity_report(m, x, y, eps=EPS, steps=1, aa_n_iter=2, square_queries=5),
+    lambda m, x, y: lipschitz.certify(m, x, y, 10.0),
+    lambda m, x, y: corruptions.corrupt(x, "contrast", 1),
+    lambda m, x, y: corruptions.distortion(x, "gaussian_noise", 1),
+], ids=["predict", "robust_eval", "autoattack", "zero_gradient_fraction", "sanity_report",
+        "lipschitz.certify", "corruptions.corrupt", "corruptions.distortion"])
+def test_every_entry_point_refuses_images_outside_0_1(model, xy, entry):
+    """Issue 13: normalised images or 0..255 floats used to run silently (PGD's output lay
+    1.8 or 254 away from its input) and gave accuracies that mean nothing."""
+    x, y = xy[0][:8], xy[1][:8]
+    xf = data.to_float(x)
+    (mean,), (std,) = data.MEAN_STD["mnist"]
+    for bad in ((xf - mean) / std, xf * 255):
+        with pytest.raises(ValueError, match=r"un-normalised float pixels in \[0, 1\], got "
+                                             rf"values in \[{bad.min().item():.4g}, "):
+            entry(model, bad, y)
+    entry(model, x, y)   # uint8 pixels are accepted where images are evaluated
+    entry(model, xf, y)  # and so are the same images as floats in [0, 1]
+
+
+def _first_logits(model, k):
+    """The trained 10-class CNN restricted to its first k logits: a k-class classifier of the
+    digits 0..k-1 (a real model of a class subset, no extra training)."""
+    class Take(nn.Module):
+        def forward(self, x):
+            return model(x)[:, :k]
+    return Take()
+
+
+@pytest.mark.parametrize("k,version,kept", [
+    (2, "standard", ["apgd-ce", "fab-t", "square"]),
+    (3, "standard", ["apgd-ce", "fab-t", "square"]),
+    (3, "fast", ["apgd-ce"]),
+    (4, "fast", ["apgd-ce", "apgd-t"]),
+])
+def test_autoattack_with_fewer_than_4_classes_leaves_out_apgd_t(mnist, model, k, version, kept):
+    """Issue 13: a 3-class model crashed inside pyautoattack (IndexError: index -4 is out of
+    bounds): APGD-T's targeted DLR loss needs the 4th-largest logit. Now it is left out and
+    the result says so; from 4 classes on nothing changes."""
+    keep = mnist.y_test < k
+    x, y = mnist.x_test[keep][:16], mnist.y_test[keep][:16]
+    r = E.autoattack(_first_logits(model, k), x, y, eps=0.3, version=version, n_iter=5,
+                     square_queries=20)  # 0.3: also breaks the easy 0-vs-1 model
+    (key,) = r.per_attack
+    info = r.info[key]
+    assert key == f"autoattack-{version}-modified" and info["attacks"] == kept
+    if k < 4:
+        assert set(info["dropped"]) == {"apgd-t"} and "4 classes" in info["dropped"]["apgd-t"]
+    else:
+        assert info["dropped"] == {}
+    assert r.clean.mean() > 0.9 and r.per_attack[key].sum() < r.clean.sum()  # it attacked
+
+
+def test_autoattack_refuses_a_single_logit(mnist, model):
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        E.autoattack(_first_logits(model, 1), mnist.x_test[:4], mnist.y_test[:4] * 0, eps=EPS)

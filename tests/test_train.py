@@ -34,15 +34,41 @@ def _import_worker():
     return module
 
 
-def _spawn(run_dir, delay):
+def _spawn(run_dir, delay, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(WORKER), str(run_dir), "--step-delay", str(delay)],
+    return subprocess.Popen([sys.executable, str(WORKER), str(run_dir), "--step-delay", str(delay),
+                             *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _resume(run_dir):
+    resumed = subprocess.run([sys.executable, str(WORKER), str(run_dir)],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    return int(resumed.stdout.split("resumed_from")[1].split()[0])
+
+
+def _assert_same_run(reference, got):
+    """Every logged value of metrics.jsonl (all but wall-clock seconds), both weight files and
+    the checkpoint selection equal those of the uninterrupted run."""
+    ref_metrics, got_metrics = _metrics(reference), _metrics(got)
+    assert len(ref_metrics) == 3 and ref_metrics == got_metrics
+    for name in ("final.pt", "best.pt"):
+        a, b = _weights(reference / name), _weights(got / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_result = json.loads((reference / "result.json").read_text())
+    got_result = json.loads((got / "result.json").read_text())
+    assert ref_result["best_metric"] == got_result["best_metric"]
+    assert ref_result["best_step"] == got_result["best_step"]
 
 
 def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, mnist):
     reference = _spawn(tmp_path / "reference", 0.0)
     victim = _spawn(tmp_path / "killed", 0.03)
+    # killed at step 25 with checkpoints only at epoch ends: it resumes from the epoch-end
+    # checkpoint of step 20 (the running loss/accuracy sums must start the epoch from zero)
+    epoch_end = _spawn(tmp_path / "epoch_end", 0.0, "--checkpoint-every", "0", "--die-at-step", "25")
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists():
@@ -56,27 +82,22 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(tmp_path, mnist):
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "result.json").exists()
 
-    resumed = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "killed")],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
     steps_per_epoch, total = 400 // 20, 3 * 400 // 20
-    resumed_from = int(resumed.stdout.split("resumed_from")[1].split()[0])
+    resumed_from = _resume(tmp_path / "killed")
     assert 0 < resumed_from < total
+    epoch_end.wait(timeout=300)
+    assert epoch_end.returncode == -signal.SIGKILL, epoch_end.communicate()
+    assert len(_metrics(tmp_path / "epoch_end")) == 1
+    assert _resume(tmp_path / "epoch_end") == steps_per_epoch
     out, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
     assert "resumed_from None" in out
 
-    ref_metrics, got_metrics = _metrics(tmp_path / "reference"), _metrics(tmp_path / "killed")
-    assert len(ref_metrics) == 3 and ref_metrics == got_metrics
-    assert {"loss", "adv_acc", "val_clean", "val_robust", "lr"} <= set(ref_metrics[0])
-    for name in ("final.pt", "best.pt"):
-        a, b = _weights(tmp_path / "reference" / name), _weights(tmp_path / "killed" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {"loss", "adv_acc", "val_clean", "val_robust", "lr"} <= set(
+        _metrics(tmp_path / "reference")[0])
+    _assert_same_run(tmp_path / "reference", tmp_path / "killed")
+    _assert_same_run(tmp_path / "reference", tmp_path / "epoch_end")
     ref_result = json.loads((tmp_path / "reference" / "result.json").read_text())
-    got_result = json.loads((tmp_path / "killed" / "result.json").read_text())
-    assert ref_result["best_metric"] == got_result["best_metric"]
-    assert ref_result["best_step"] == got_result["best_step"]
     assert ref_result["best_step"] % steps_per_epoch == 0
 
     # a finished run folder returns at once, and loads the final weights into the model

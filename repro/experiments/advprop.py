@@ -32,28 +32,31 @@ from repro.params import Param, Spec
 from repro.train import TrainConfig
 
 SPEC = Spec("advprop", [
-    Param("epochs", "int", "training epochs for every model"),
+    Param("epochs", "int", "training epochs for every model", ge=1),
     Param("n_train", "int", "CIFAR-10 training images (None: all 48,000 after validation)",
-          optional=True),
-    Param("n_test", "int", "test images for clean and PGD accuracy"),
-    Param("n_corrupt", "int", "test images for each corruption and severity"),
+          optional=True, ge=1, le=48000),
+    Param("n_test", "int", "test images for clean and PGD accuracy", ge=1, le=10000),
+    Param("n_corrupt", "int", "test images for each corruption and severity", ge=1, le="n_test"),
     Param("arch", "str", "architecture (a PreAct-ResNet-18 family member)",
           choices=("preact_resnet18",)),
     Param("widths", "list[int]", "first-stage widths for the model-size ablation, small to "
-          "large; the main comparison uses the largest (64 = PreAct-ResNet-18)"),
+          "large; the main comparison uses the largest (64 = PreAct-ResNet-18)",
+          ge=1, min_items=1),
     Param("eps", "int", "AdvProp / shared-BN attacker strength in 1/255 units "
-          "(PGD, eps+1 steps of 1/255)"),
-    Param("eps_grid", "list[int]", "attacker strengths (1/255) of the ablation"),
+          "(PGD, eps+1 steps of 1/255)", ge=0, le=255),
+    Param("eps_grid", "list[int]", "attacker strengths (1/255) of the ablation",
+          ge=0, le=255, min_items=1),
     Param("targeted", "bool", "attack a random wrong label (PyTorch port) instead of "
           "maximising the loss of the true one"),
-    Param("corruptions", "list[str]", "corruptions evaluated (see repro.corruptions.NAMES)"),
-    Param("severities", "list[int]", "corruption severities evaluated (1-5)"),
-    Param("eval_eps", "int", "L-inf radius (1/255) of the PGD evaluation"),
-    Param("eval_steps", "int", "PGD steps in evaluation"),
-    Param("batch_size", "int", "training batch size (clean images; AdvProp doubles it)"),
-    Param("lr", "float", "peak SGD learning rate (cosine schedule)"),
+    Param("corruptions", "list[str]", "corruptions evaluated (see repro.corruptions.NAMES)",
+          choices=corruptions.NAMES),
+    Param("severities", "list[int]", "corruption severities evaluated (1-5)", ge=1, le=5),
+    Param("eval_eps", "int", "L-inf radius (1/255) of the PGD evaluation", ge=0, le=255),
+    Param("eval_steps", "int", "PGD steps in evaluation", ge=1),
+    Param("batch_size", "int", "training batch size (clean images; AdvProp doubles it)", ge=1),
+    Param("lr", "float", "peak SGD learning rate (cosine schedule)", gt=0),
     Param("seeds", "list[int]", "seeds of the main comparison (data order, init, attacks); "
-          "the ablation uses the first"),
+          "the ablation uses the first", ge=0, min_items=1),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     "smoke": dict(epochs=1, n_train=256, n_test=200, n_corrupt=100, arch="preact_resnet18",

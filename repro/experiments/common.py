@@ -13,6 +13,7 @@ import torch
 
 from repro import data, results, train
 from repro.models import build
+from repro.params import ParameterError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -24,8 +25,16 @@ def pick_device(name: str = "auto") -> torch.device:
 def load_dataset(name: str, *, n_train: int | None, n_test: int | None,
                  n_val: int | None = None, val_size: int | None = None) -> data.Dataset:
     """The dataset cut to the preset's size (stored orders are shuffled, so prefixes mix
-    all classes)."""
-    return data.load(name, val_size=val_size).limit(n_train, n_val, n_test)
+    all classes). Asking for more images than a split has raises ``ParameterError`` (it was
+    cut silently, so a result said n_test=20000 of a 10,000-image test set)."""
+    ds = data.load(name, val_size=val_size)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        have = len(getattr(ds, f"y_{split}"))
+        if n is not None and n > have:
+            raise ParameterError(f"n_{split}={n}, but {name} has {have} {split} images"
+                                 + (" after the validation split" if split == "train" else "")
+                                 + f": ask for at most {have}")
+    return ds.limit(n_train, n_val, n_test)
 
 
 def train_and_evaluate(chapter: str, name: str, config: dict, *,

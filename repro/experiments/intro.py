@@ -15,17 +15,17 @@ from repro.params import Param, Spec
 from repro.train import TrainConfig
 
 SPEC = Spec("intro", [
-    Param("epochs", "int", "training epochs for each model"),
-    Param("n_train", "int", "training images (None: all 55,000)", optional=True),
-    Param("n_test", "int", "test images evaluated"),
-    Param("eps", "float", "L-inf attack radius on [0,1] pixels, train and test"),
-    Param("train_steps", "int", "PGD steps when generating training attacks"),
-    Param("eval_steps", "int", "PGD steps in evaluation"),
-    Param("restarts", "int", "PGD random restarts in evaluation"),
-    Param("eps_grid", "list[float]", "radii for the accuracy-vs-eps curve"),
+    Param("epochs", "int", "training epochs for each model", ge=1),
+    Param("n_train", "int", "training images (None: all 55,000)", optional=True, ge=1, le=55000),
+    Param("n_test", "int", "test images evaluated", ge=1, le=10000),
+    Param("eps", "float", "L-inf attack radius on [0,1] pixels, train and test", ge=0, le=1),
+    Param("train_steps", "int", "PGD steps when generating training attacks", ge=1),
+    Param("eval_steps", "int", "PGD steps in evaluation", ge=1),
+    Param("restarts", "int", "PGD random restarts in evaluation", ge=1),
+    Param("eps_grid", "list[float]", "radii for the accuracy-vs-eps curve", ge=0, le=1),
     Param("autoattack", "str", "AutoAttack version run on the adversarially trained model",
           choices=("none", "fast", "standard")),
-    Param("seed", "int", "seed for data order, initialisation and attacks"),
+    Param("seed", "int", "seed for data order, initialisation and attacks", ge=0),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     "smoke": dict(epochs=1, n_train=3000, n_test=200, eps=0.1, train_steps=5, eval_steps=10,
