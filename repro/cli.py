@@ -6,6 +6,7 @@
     python -m repro data prepare                             # offline data -> .data/
     python -m repro bench pgd --device cuda                  # speed benchmarks
     python -m repro publish intro --preset laptop            # notebook + results -> book/published/
+    python -m repro campaign plan                            # the GPU campaign's pieces
 """
 from __future__ import annotations
 
@@ -142,9 +143,15 @@ def main(argv=None) -> int:
                        help="speed benchmarks (extra arguments, --help included, go to the "
                             "benchmark)")
     p.add_argument("name", nargs="?")
+    sub.add_parser("campaign", add_help=False,
+                   help="the GPU campaign: plan, run (on the GPU), ingest (extra arguments, "
+                        "--help included, go to repro.campaign)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
+    if args.command == "campaign":
+        from repro import campaign
+        return campaign.main(rest) or 0
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "publish":
