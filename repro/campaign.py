@@ -592,11 +592,18 @@ def format_plan(rows: list[dict], calibration: dict | None = None) -> str:
               f"{largest_runnable():.0f} s)",
               f"next window (`campaign run --budget-s {WINDOW_RUN_S}`, ~{PREFLIGHT_S} s "
               f"preflight): {', '.join(first_window(rows)) or 'nothing pending'}"]
+    nxt = first_window(rows)
+    if nxt:
+        needed = sorted({d for i in nxt for d in BY_ID[i].datasets})
+        lines.append(f"stage for it: python3 tools/gpu_stage.py {' '.join(needed)}   "
+                     "(then tools/gpu-window.md)")
     if calibration:
-        lines += ["", "CPU calibration (this machine): forward+backward of "
-                  f"{calibration['arch']} at {calibration['gflops']:.1f} GFLOP/s "
-                  f"({calibration['threads']} threads); the same pass counts at that rate "
-                  "against each published laptop run's compute wall time:"]
+        lines += ["", f"CPU calibration (this machine, {calibration['threads']} threads): "
+                  "seconds per forward-equivalent image pass, measured per architecture at "
+                  f"its training batch size (<= {calibration['batch']}):"]
+        lines += [f"  {a:<34} {v * 1e3:8.3f} ms" for a, v in calibration["s_per_pass"].items()]
+        lines.append("each chapter's laptop preset predicted as counted passes x those "
+                     "rates, against its publication's compute wall time:")
         for c, v in calibration["chapters"].items():
             ratio = f"{v['measured_s'] / v['predicted_s']:.2f}x" if v["measured_s"] else "-"
             lines.append(f"  {c:<8} predicted {v['predicted_s']:>8.0f} s  published "
@@ -604,35 +611,30 @@ def format_plan(rows: list[dict], calibration: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def cpu_calibration(seconds: float = 3.0) -> dict:
-    """Time forward+backward of a width-16 PreAct-ResNet-18 batch here; predict each chapter's
-    laptop preset with the campaign's pass counts at that rate (compute only, no launch
-    term) and set it beside the wall time its publication recorded."""
+def cpu_calibration(batch: int = 128) -> dict:
+    """Check the pass counts against real runs: time an attack and a training step of every
+    architecture the *laptop* presets use, here on the CPU (``time_arch``), predict each
+    chapter's laptop preset as passes x measured seconds per pass, and set that beside the
+    compute wall time its publication recorded. (BAT's published wall times leave out its
+    subset models, which live in a run of their own: they are left out of its prediction.)"""
     import torch
     from repro import publish
-    arch = Arch("preact_resnet18", 16, "cifar10")
-    model = build_model(arch)
-    x = torch.rand(32, 3, 32, 32)
-    y = torch.randint(0, 10, (32,))
-    n, t0 = 0, time.perf_counter()
-    while True:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        n += 1
-        if time.perf_counter() - t0 > seconds and n >= 2:
-            break
-    dt = time.perf_counter() - t0
-    rate = n * 32 * 3 * forward_flops(arch) / dt     # FLOP/s
+    device = torch.device("cpu")
+    rates: dict[str, float] = {}
     chapters = {}
     for chapter in experiments.CHAPTERS:
         rec = publish.record(chapter)
         cfg = experiments.get(chapter).SPEC.resolve("laptop")
-        jobs = WORKLOADS[chapter](cfg, None)
-        pred = sum(j.passes * forward_flops(j.arch) for j in jobs) / rate
+        jobs = [j for j in WORKLOADS[chapter](cfg, None) if "subset" not in j.what]
+        for j in jobs:   # at the run's own training batch size (at most ``batch``)
+            if j.arch.label() not in rates:
+                rates[j.arch.label()] = time_arch(j.arch, min(j.batch, batch), device,
+                                                  steps=2)["s_per_pass"]
+        pred = sum(j.passes * rates[j.arch.label()] for j in jobs)
         measured = rec.get("compute_wall_time_s") if rec and rec.get("preset") == "laptop" else None
         chapters[chapter] = {"predicted_s": pred, "measured_s": measured}
-    return {"arch": arch.label(), "gflops": rate / 1e9, "threads": torch.get_num_threads(),
-            "chapters": chapters}
+    return {"batch": batch, "threads": torch.get_num_threads(),
+            "s_per_pass": rates, "chapters": chapters}
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -801,7 +803,9 @@ def run_piece(piece: Piece, dry_run: bool = False, progress: bool = False) -> di
     if piece.stage.startswith("memorization:"):
         from repro.experiments import common
         dataset = piece.stage.split(":", 1)[1]
+        import torch
         cfg = module.SPEC.resolve(preset, **overrides)
+        torch.manual_seed(cfg["seed"])       # as bat.run does before its memorization runs
         device = common.pick_device(cfg["device"])
         ds = common.load_dataset(dataset, n_train=cfg["n_train"], n_test=cfg["n_test"],
                                  n_val=cfg["n_val"])

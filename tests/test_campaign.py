@@ -145,6 +145,15 @@ def test_done_pieces_are_skipped(tmp_path):
     assert not campaign.is_done(piece, ledger, published_root=pub)
 
 
+def test_staging_stamp_uses_the_campaign_digest():
+    import importlib.util
+    from repro.data import PROJECT_ROOT
+    spec = importlib.util.spec_from_file_location("gpu_stage", PROJECT_ROOT / "tools" / "gpu_stage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.library_digest(PROJECT_ROOT) == campaign.library_digest()
+
+
 def test_publish_overrides_union_the_done_pieces():
     ledger = {"he-pgd": {}, "he-trades": {}}
     assert campaign.publish_overrides("he", ledger) == {"variants": ["pgd_at", "trades"]}
@@ -171,3 +180,15 @@ def test_dry_run_goes_from_plan_to_publish(tmp_path, data_root, monkeypatch):
     assert s["recomputed_on_cpu_side"] == []
     nb = (tmp_path / "published" / "he" / "he.ipynb").read_text()
     assert '"output_type": "error"' not in nb
+
+
+def test_the_docs_give_the_campaign_commands_and_the_window_sequence():
+    from repro.data import PROJECT_ROOT
+    page = (PROJECT_ROOT / "book" / "how-to-run.md").read_text()
+    for cmd in ("campaign plan", "campaign run --budget-s", "campaign ingest", "--dry-run",
+                "--piece he-pgd", "tools/gpu-window.md"):
+        assert cmd in page, cmd
+    window = (PROJECT_ROOT / "tools" / "gpu-window.md").read_text()
+    for step in ("tools/gpu_stage.py", 'carry=[".device/p1"]', "unpack.sh",
+                 f"--budget-s {campaign.WINDOW_RUN_S}", "campaign ingest", "give_back"):
+        assert step in window, step
