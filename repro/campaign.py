@@ -87,6 +87,8 @@ LAUNCH_S = 4e-6            # stated: launch overhead per module per forward-equi
 CLEAN_FRACTION = 0.8       # stated: AutoAttack's first attack runs on correctly classified
 ROBUST_FRACTION = 0.45     # images, the later ones only on those still robust
 PIECE_OVERHEAD_S = 20.0    # per piece: python + torch import, CUDA init, data load
+RUN_OVERHEAD_S = 1.0       # stated, per trained model: setup, the dataset's copy to the GPU,
+                           # per-epoch checkpoints, evaluation batches copied from the CPU
 SAFETY = 1.2               # a piece starts only if 1.2 x its estimate fits what is left
 PACK_RESERVE_S = 15.0      # kept for packing at the end
 MAX_PIECE_S = 8 * 60       # design rule: each piece <= 8 H200-minutes
@@ -237,6 +239,7 @@ class Job:
     passes: float        # image-passes, forward-equivalent
     batch: int
     what: str
+    models: int = 0      # trained models in the job: RUN_OVERHEAD_S each
 
 
 _FLOPS: dict = {}
@@ -300,10 +303,11 @@ def job_seconds(job: Job, rates: dict | None = None) -> float:
     """Estimated seconds of a job: measured rate (s per forward-equivalent image at this
     architecture, from a preflight) when given, else counted FLOPs at the stated rate."""
     key = job.arch.label()
+    fixed = job.models * RUN_OVERHEAD_S
     if rates and key in rates:
-        return job.passes * rates[key]
+        return fixed + job.passes * rates[key]
     compute = job.passes * forward_flops(job.arch) / (H200_BF16_FLOPS * efficiency(job.arch))
-    return compute + job.passes / job.batch * LAUNCH_S * modules(job.arch)
+    return fixed + compute + job.passes / job.batch * LAUNCH_S * modules(job.arch)
 
 
 def _train(arch, n, epochs, per_image, batch, val=0, val_steps=10, val_every=1, what="train"):
@@ -311,7 +315,7 @@ def _train(arch, n, epochs, per_image, batch, val=0, val_steps=10, val_every=1, 
     passes = epochs * n * per_image
     if val and val_every:
         passes += epochs / val_every * val * (2 * val_steps + 2)
-    return Job(arch, passes, batch, what)
+    return Job(arch, passes, batch, what, models=1)
 
 
 def _aa(version, n):
@@ -423,7 +427,8 @@ def workload_bat(cfg: dict, piece: Piece | None = None) -> list[Job]:
         m = n * cfg["mem_fraction"]
         per = 3 if cfg["mem_method"] == "standard" else 2 * cfg["train_steps"] + 3
         jobs.append(Job(arch, cfg["mem_k"] * (cfg["mem_epochs"] * m * per + n + nt),
-                        cfg["mem_batch_size"], f"{cfg['mem_k']} subset models {ds}"))
+                        cfg["mem_batch_size"], f"{cfg['mem_k']} subset models {ds}",
+                        models=cfg["mem_k"]))
         if proxy:
             jobs.append(Job(arch, cfg["mem_epochs"] * (n * 3 + n) + 2 * (n + nt),
                             cfg["mem_batch_size"], f"proxy {ds}"))
@@ -598,6 +603,9 @@ def format_plan(rows: list[dict], calibration: dict | None = None) -> str:
               f"next window (`campaign run --budget-s {WINDOW_RUN_S}`, ~{PREFLIGHT_S} s "
               f"preflight): {', '.join(first_window(rows)) or 'nothing pending'}"]
     nxt = first_window(rows)
+    heads = [i for i in nxt if any(c in HEADLINE for c in BY_ID[i].claims)]
+    if heads:
+        lines[-1] += f" (it runs {', '.join(heads)} first: headline claims)"
     if nxt:
         needed = sorted({d for i in nxt for d in BY_ID[i].datasets})
         lines.append(f"stage for it: python3 tools/gpu_stage.py {' '.join(needed)}   "
@@ -910,6 +918,9 @@ def campaign_run(budget_s: float, out: Path, *, dry_run: bool = False,
         "stamp": read_stamp(), "device": results.device_name(device),
         "torch": torch.__version__, "started": _dt.datetime.now(_dt.timezone.utc)
         .isoformat(timespec="seconds"), "pieces": {}}
+    if not pieces:   # a window runs its headline pieces first (they are why it was lent)
+        first = set(first_window(plan_rows(dry_run, ledger=ledger), budget_s))
+        chosen.sort(key=lambda p: not (p.id in first and any(c in HEADLINE for c in p.claims)))
     pre = preflight(chosen, device, dry_run, log, budget_s=budget_s)
     compiling = pre.pop("compile")
     if compiling[0].poll() is not None:   # done already: record it now
