@@ -117,6 +117,10 @@ AA_LATER = {"fast": 2 * 900, "standard": 2 * 900 + 3 * 900 + 5000}
 HEADLINE = {"he.aa-gain": 2, "lmt.larger-radius": 2, "advprop.clean-gain-b7": 2,
             "bat.tradeoff": 2}
 
+# Not installed on the GPU machine (device docs, issue 16): a dry run's pieces run without them.
+NOT_ON_DEVICE = ("papermill", "nbformat", "nbclient", "jupyter_client", "ipykernel", "IPython",
+                 "pandas", "seaborn")
+
 LEDGER = results.PUBLISHED_ROOT / "campaign-ledger.json"
 PREFLIGHT_RECORD = results.PUBLISHED_ROOT / "campaign-preflight.json"
 
@@ -774,6 +778,59 @@ def _call(fn, **kwargs):
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
+def hot_paths(device) -> dict:
+    """The calls ``sync_check`` watches: a PGD attack with restarts, an FGSM-RS step, and an
+    epoch of augmented training batches from data resident on ``device``."""
+    import torch
+    from repro import attacks, data, models
+    model = models.build("preact_resnet18", 10, mean_std=data.MEAN_STD["cifar10"],
+                         width=8).to(device).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 10, (64,), device=device, generator=g)
+    xs = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device=device, generator=g)
+    ys = torch.randint(0, 10, (256,), device=device, generator=g)
+    return {
+        "pgd": lambda: attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5,
+                                   restarts=2, generator=g),
+        "fgsm_rs": lambda: attacks.fgsm(model, x, y, eps=8 / 255, alpha=10 / 255,
+                                        random_start=True, generator=g),
+        "train_batches": lambda: list(data.train_batches(xs, ys, 64, seed=0, epoch=0)),
+    }
+
+
+def sync_check(device) -> dict:
+    """Host synchronisations inside the hot paths (``hot_paths``), counted by CUDA's sync
+    debug mode (not checked on a CPU). Each should be 0: a sync stalls the launch queue."""
+    import warnings
+    import torch
+    if device.type != "cuda":
+        return {"checked": False, "why": "sync debug mode needs CUDA"}
+    out = {"checked": True}
+    for name, fn in hot_paths(device).items():
+        fn()   # warm-up: first calls may allocate or pick kernels
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        msgs = [str(w.message).splitlines()[0] for w in caught
+                if "synchroniz" in str(w.message).lower()]
+        out[name] = {"syncs": len(msgs), "first": msgs[:2]}
+    return out
+
+
+def _safe(fn, *args, **kwargs):
+    """A preflight step that fails is recorded, never raised: the window must go on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
 def preflight(pieces: list[Piece], device, dry_run: bool, log=print,
               budget_s: float | None = None) -> dict:
     """CUDA + bf16 work, torch.compile works or falls back, every (architecture, batch) the
@@ -788,9 +845,11 @@ def preflight(pieces: list[Piece], device, dry_run: bool, log=print,
     if device.type == "cuda":
         rec["capability"] = list(torch.cuda.get_device_capability(device))
         rec["bf16_supported"] = torch.cuda.is_bf16_supported()
-    rec["matmul_bf16"] = _matmul_check(device, 256 if dry_run else 8192)
+    rec["matmul_bf16"] = _safe(_matmul_check, device, 256 if dry_run else 8192)
     log(f"[preflight] bf16 matmul: {rec['matmul_bf16']}")
     compiling = _start_compile_check(device, "eager" if dry_run else "inductor")
+    rec["sync_check"] = _safe(sync_check, device)
+    log(f"[preflight] host syncs in hot paths: {rec['sync_check']}")
     seen, timings, counted = set(), [], 0.0
     for p in pieces:   # only pieces that could start: counted estimates up to 2x the budget
         counted += piece_seconds(p, dry_run)
@@ -801,8 +860,10 @@ def preflight(pieces: list[Piece], device, dry_run: bool, log=print,
             if j.what.endswith("eval") or key in seen:
                 continue
             seen.add(key)
-            timings.append(time_arch(j.arch, j.batch, device, steps=1 if dry_run else 3))
-            log(f"[preflight] {timings[-1]}")
+            t = _safe(time_arch, j.arch, j.batch, device, steps=1 if dry_run else 3)
+            log(f"[preflight] {t}")
+            if "error" not in t:   # an architecture that failed keeps its counted estimate
+                timings.append(t)
     rec["timings"] = timings
     rec["rates"] = {}
     for t in timings:   # the slowest batch size measured per architecture
@@ -889,7 +950,10 @@ def read_stamp() -> dict:
     """The commit the tree was sent from: ``.device/<part>/stamp.json`` (written by
     tools/gpu-stage.sh; the device machine has no .git), else git here."""
     for f in sorted((PROJECT_ROOT / ".device").glob("*/stamp.json")):
-        return json.loads(f.read_text())
+        stamp = json.loads(f.read_text())
+        # staged before the library changed? then its commit does not name this code
+        stamp["matches_library"] = stamp.get("library_digest") == library_digest()
+        return stamp
     return {"commit": results.git_commit(), "source": "git"}
 
 
@@ -930,6 +994,8 @@ def campaign_run(budget_s: float, out: Path, *, dry_run: bool = False,
     rates = pre["rates"]
     done_now = {p.id for p in PIECES if is_done(p, ledger, dry_run)}
     env = dict(os.environ)
+    if dry_run:
+        env["REPRO_CAMPAIGN_BLOCK"] = ",".join(NOT_ON_DEVICE)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).strip(os.pathsep)
     for p in chosen:
         est0 = piece_seconds(p, dry_run)
@@ -1219,6 +1285,10 @@ def main(argv=None) -> int:
                 print(f"publish with: python -m repro publish {chapter} --preset gpu {flags}".rstrip())
         return 0
     if args.action == "piece":
+        # The GPU machine has no papermill, Jupyter, pandas or seaborn: the dry run blocks
+        # them here (REPRO_CAMPAIGN_BLOCK), so a piece that needs one fails on the CPU first.
+        for name in filter(None, os.environ.get("REPRO_CAMPAIGN_BLOCK", "").split(",")):
+            sys.modules[name] = None   # `import name` now raises ImportError
         piece = BY_ID[args.id]
         t = time.monotonic()
         runs = run_piece(piece, dry_run=args.dry_run)

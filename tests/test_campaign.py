@@ -166,7 +166,7 @@ def test_dry_run_goes_from_plan_to_publish(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("REPRO_DATA", str(data_root))
     s = campaign.run_dry(tmp_path, log=lambda *_: None)
     pieces = s["manifest"]["pieces"]
-    assert pieces["he-pgd"]["status"] == "done", pieces
+    assert pieces["he-pgd"]["status"] == "done", pieces   # with papermill, pandas... blocked
     back = sorted(p.name for p in (tmp_path / "back").iterdir())
     assert back == ["campaign.json", "piece-he-pgd.tar.gz", "preflight.json"]
     assert all((tmp_path / "back" / n).stat().st_size < campaign.MAX_FILE_BYTES for n in back)
@@ -192,3 +192,16 @@ def test_the_docs_give_the_campaign_commands_and_the_window_sequence():
     for step in ("tools/gpu_stage.py", 'carry=[".device/p1"]', "unpack.sh",
                  f"--budget-s {campaign.WINDOW_RUN_S}", "campaign ingest", "give_back"):
         assert step in window, step
+
+
+def test_hot_paths_run_and_on_cuda_do_not_synchronise():
+    import torch
+    for name, fn in campaign.hot_paths(torch.device("cpu")).items():
+        out = fn()
+        assert out is not None and (len(out) == 4 if name == "train_batches" else
+                                    out.shape == (64, 3, 32, 32)), name
+    assert campaign.sync_check(torch.device("cpu"))["checked"] is False
+    if not torch.cuda.is_available():
+        pytest.skip("the sync count itself needs CUDA (the campaign's preflight records it)")
+    got = campaign.sync_check(torch.device("cuda"))
+    assert all(got[k]["syncs"] == 0 for k in ("pgd", "fgsm_rs", "train_batches")), got
