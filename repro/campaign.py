@@ -985,9 +985,16 @@ def campaign_run(budget_s: float, out: Path, *, dry_run: bool = False,
     if not pieces:   # a window runs its headline pieces first (they are why it was lent)
         first = set(first_window(plan_rows(dry_run, ledger=ledger), budget_s))
         chosen.sort(key=lambda p: not (p.id in first and any(c in HEADLINE for c in p.claims)))
-    pre = preflight(chosen, device, dry_run, log, budget_s=budget_s)
+    try:
+        pre = preflight(chosen, device, dry_run, log, budget_s=budget_s)
+    except Exception as e:  # noqa: BLE001 - without rates the counted estimates still hold
+        pre = {"kind": "repro-preflight", "error": f"{type(e).__name__}: {e}"[:500],
+               "rates": {}, "dry_run": dry_run, "compile": None}
+        log(f"[preflight] failed: {pre['error']}")
     compiling = pre.pop("compile")
-    if compiling[0].poll() is not None:   # done already: record it now
+    if compiling is None:
+        pre["compile"] = {"ok": False, "error": "not started"}
+    elif compiling[0].poll() is not None:   # done already: record it now
         pre["compile"] = _finish_compile_check(compiling)
         log(f"[preflight] torch.compile: {pre['compile']}")
     (out / "preflight.json").write_text(json.dumps(pre, indent=1, default=str))
@@ -1014,42 +1021,56 @@ def campaign_run(budget_s: float, out: Path, *, dry_run: bool = False,
         if "status" in entry:
             log(f"[campaign] {p.id}: {entry['status']}")
             continue
-        record = work / f"piece-{p.id}.json"
-        record.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "repro", "campaign", "piece", p.id, "--record", str(record)]
-        if dry_run:
-            cmd.append("--dry-run")
-        log(f"[campaign] {p.id}: starting (estimate {est:.0f} s, {left:.0f} s left)")
-        t = time.monotonic()
         try:
-            proc = subprocess.run(cmd, env=env, cwd=str(PROJECT_ROOT), timeout=max(1.0, left),
-                                  capture_output=True, text=True)
-            entry["returncode"] = proc.returncode
-            text = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            entry["returncode"] = "timeout"
-            text = _text(e.stdout) + _text(e.stderr)
-        (work / f"piece-{p.id}.log").write_text(text)
-        tail = text[-3000:]
-        entry["measured_s"] = round(time.monotonic() - t, 1)
-        got = json.loads(record.read_text()) if record.exists() else None
-        if got and entry["returncode"] == 0:
-            entry["status"] = "done"
-            entry["runs"] = got["runs"]
-            done_now.add(p.id)
-        else:
-            entry["status"] = "failed" if entry["returncode"] != "timeout" else "timeout"
-            entry["log_tail"] = tail
-            got = {"runs": _finished_runs(p)}   # runs finished before the failure still count
-            entry["runs"] = got["runs"]
-        if entry["runs"]:
-            f = pack_piece(p.id, p.chapter, entry["runs"], out, text,
-                           {k: manifest[k] for k in ("library_digest", "stamp", "device",
-                                                     "torch", "repro_version", "dry_run")}
-                           | {"status": entry["status"], "spec_hash": entry["spec_hash"]})
-            entry["file"] = f.name
-        log(f"[campaign] {p.id}: {entry['status']} in {entry['measured_s']:.0f} s "
-            f"(estimated {est0:.0f} s counted, {est:.0f} s after preflight)")
+            _run_one(p, entry, est, est0, left, dry_run, env, work, out, manifest, done_now, log)
+        except Exception as e:  # noqa: BLE001 - the runner goes on with the next piece
+            entry["status"] = f"runner error: {type(e).__name__}: {e}"[:500]
+            log(f"[campaign] {p.id}: {entry['status']}")
+    _finish(manifest, pre, compiling, budget_s, start, out, log)
+    return manifest
+
+
+def _run_one(p, entry, est, est0, left, dry_run, env, work, out, manifest, done_now, log):
+    """Run one piece in a child process killed at ``left`` seconds; pack what it made."""
+    record = work / f"piece-{p.id}.json"
+    record.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "repro", "campaign", "piece", p.id, "--record", str(record)]
+    if dry_run:
+        cmd.append("--dry-run")
+    log(f"[campaign] {p.id}: starting (estimate {est:.0f} s, {left:.0f} s left)")
+    t = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=str(PROJECT_ROOT), timeout=max(1.0, left),
+                              capture_output=True, text=True)
+        entry["returncode"] = proc.returncode
+        text = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        entry["returncode"] = "timeout"
+        text = _text(e.stdout) + _text(e.stderr)
+    (work / f"piece-{p.id}.log").write_text(text)
+    tail = text[-3000:]
+    entry["measured_s"] = round(time.monotonic() - t, 1)
+    got = json.loads(record.read_text()) if record.exists() else None
+    if got and entry["returncode"] == 0:
+        entry["status"] = "done"
+        entry["runs"] = got["runs"]
+        done_now.add(p.id)
+    else:
+        entry["status"] = "failed" if entry["returncode"] != "timeout" else "timeout"
+        entry["log_tail"] = tail
+        got = {"runs": _finished_runs(p)}   # runs finished before the failure still count
+        entry["runs"] = got["runs"]
+    if entry["runs"]:
+        f = pack_piece(p.id, p.chapter, entry["runs"], out, text,
+                       {k: manifest[k] for k in ("library_digest", "stamp", "device",
+                                                 "torch", "repro_version", "dry_run")}
+                       | {"status": entry["status"], "spec_hash": entry["spec_hash"]})
+        entry["file"] = f.name
+    log(f"[campaign] {p.id}: {entry['status']} in {entry['measured_s']:.0f} s "
+        f"(estimated {est0:.0f} s counted, {est:.0f} s after preflight)")
+
+
+def _finish(manifest, pre, compiling, budget_s, start, out, log):
     if "compile" not in pre:   # the compile check ran beside the pieces; wait briefly
         left = budget_s - (time.monotonic() - start) - 5
         pre["compile"] = _finish_compile_check(
@@ -1059,9 +1080,9 @@ def campaign_run(budget_s: float, out: Path, *, dry_run: bool = False,
     manifest["compile"] = pre["compile"]
     manifest["wall_s"] = round(time.monotonic() - start, 1)
     (out / "campaign.json").write_text(json.dumps(manifest, indent=1, default=str))
-    files = [f for f in out.iterdir() if f.is_file() and not f.name.startswith(".")]
-    assert len(files) <= MAX_FILES, files
-    return manifest
+    files = [f for f in out.iterdir() if f.is_file()]
+    if len(files) > MAX_FILES:
+        log(f"[campaign] warning: {len(files)} files in {out}; the device tool brings back 8")
 
 
 def _finished_runs(piece: Piece) -> dict:
@@ -1116,8 +1137,18 @@ def ingest(files: list[Path], *, published_root: Path | None = None,
         if f.name.endswith(".json"):
             rec = json.loads(f.read_text())
             if rec.get("kind") == "repro-preflight" and not rec.get("dry_run"):
+                root.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, root / "campaign-preflight.json")
                 log(f"[ingest] {f} -> {root / 'campaign-preflight.json'}")
+            if rec.get("kind") == "repro-campaign":
+                for pid, e in rec.get("pieces", {}).items():
+                    log(f"[ingest] {pid:<17} {e.get('status')}: estimated "
+                        f"{e.get('estimate_counted_s')} s counted, "
+                        f"{e.get('estimate_preflight_s')} s after preflight, measured "
+                        f"{e.get('measured_s', '-')} s")
+            continue
+        if not f.name.endswith(".tar.gz"):
+            log(f"[ingest] {f.name}: not a campaign archive, skipped")
             continue
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(f) as tar:
             members = tar.getmembers()
@@ -1166,25 +1197,42 @@ def ingest(files: list[Path], *, published_root: Path | None = None,
     return {"placed": placed, "ledger": ledger}
 
 
+def _cells(piece: Piece, keys: list[str], dry_run: bool) -> set:
+    """The combinations of the list-valued restricting parameters a piece covers."""
+    import itertools
+    cfg = piece_config(piece, dry_run)
+    return set(itertools.product(*[tuple(cfg[k]) for k in keys]))
+
+
 def publish_overrides(chapter: str, ledger: dict, dry_run: bool = False) -> dict | None:
-    """Overrides under which ``publish`` renders ``chapter`` from done pieces only: all of the
-    chapter's pieces done -> {} (the whole preset); some -> the union of their list-valued
-    restrictions; none (or a restriction that cannot be united) -> None."""
+    """Overrides under which ``publish`` renders ``chapter`` from done pieces only (so it
+    recomputes nothing): all of the chapter's pieces done -> {} (the whole preset); some ->
+    the union of their list-valued restrictions if the done pieces cover every combination
+    of it (HE's variants; LMT's datasets x methods), else the restrictions of the done piece
+    that decides the most claims; None when no done piece can be published alone (AdvProp's
+    ``only`` pieces, BAT's stages: their chapters publish once all their pieces are in)."""
     mine = [p for p in PIECES if p.chapter == chapter]
     done = [p for p in mine if p.id in ledger]
     if not done:
         return None
     if len(done) == len(mine):
         return {}
-    merged: dict = {}
+    if any(p.only is not None or p.stage != "run" or
+           any(not isinstance(v, list) for v in p.overrides.values()) for p in done):
+        return None
+    keys = sorted({k for p in done for k in p.overrides})
+    covered = set().union(*(_cells(p, keys, dry_run) for p in done))
+    merged = {k: [] for k in keys}
     for p in done:
-        if p.only is not None or p.stage != "run":
-            return None
-        for k, v in p.overrides.items():
-            if not isinstance(v, list):
-                return None
-            merged[k] = merged.get(k, []) + [x for x in v if x not in merged.get(k, [])]
-    return merged
+        cfg = piece_config(p, dry_run)
+        for k in keys:
+            merged[k] += [x for x in cfg[k] if x not in merged[k]]
+    import itertools
+    if set(itertools.product(*[tuple(merged[k]) for k in keys])) <= covered:
+        return merged
+    best = max(done, key=lambda p: (weight(p), -len(p.overrides)))
+    cfg = piece_config(best, dry_run)
+    return {k: list(cfg[k]) for k in keys}
 
 
 # ----------------------------------------------------------------------------- dry run
