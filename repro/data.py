@@ -295,10 +295,12 @@ def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: in
     """
     device = x.device if device is None else torch.device(device)
     n = len(y)
-    order = epoch_order(n, seed, epoch).to(x.device)   # one copy per epoch, not per batch
+    order = epoch_order(n, seed, epoch)    # one copy per epoch, not per batch; pinned and
+    if x.device.type == "cuda":            # asynchronous on CUDA (no stream sync)
+        order = order.pin_memory().to(x.device, non_blocking=True)
     steps = n // batch_size if drop_last else -(-n // batch_size)
     for step in range(start_step, steps):
-        idx = order[step * batch_size:(step + 1) * batch_size]
+        idx = order[step * batch_size:(step + 1) * batch_size].to(x.device)
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         if augment_images:
             xb = augment(xb, generator=batch_generator(seed, epoch, step))
