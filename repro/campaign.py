@@ -1121,18 +1121,20 @@ def _check_run(folder: Path, manifest: dict, allow_cpu: bool) -> list[str]:
 
 def ingest(files: list[Path], *, published_root: Path | None = None,
            results_layout: bool = False, ledger_path: Path | None = None,
-           log=print) -> dict:
+           allow_dry_run: bool = False, log=print) -> dict:
     """Check and place the runs of campaign archives (see the module doc). With
     ``results_layout`` the runs go to ``<root>/<chapter>/<folder>`` (a results cache, as in
     the dry run) instead of ``<root>/<chapter>/results/<folder>``. Refuses, with the reasons,
     any archive whose library digest differs from this checkout's or whose runs fail a
-    check; nothing of a refused archive is placed."""
+    check (or that comes from a dry run, unless ``allow_dry_run``); nothing of a refused
+    archive is placed, the others are, and then ``IngestError`` lists the refusals."""
     import tempfile
     root = Path(published_root or results.PUBLISHED_ROOT)
     ledger_path = Path(ledger_path or root / "campaign-ledger.json")
     ledger = read_ledger(ledger_path)
     digest = library_digest()
     placed: dict[str, list[str]] = {}
+    refused: list[str] = []
     for f in map(Path, files):
         if f.name.endswith(".json"):
             rec = json.loads(f.read_text())
@@ -1155,7 +1157,8 @@ def ingest(files: list[Path], *, published_root: Path | None = None,
             bad = [m.name for m in members if m.name.startswith(("/", "..")) or ".." in
                    Path(m.name).parts or not (m.isfile() or m.isdir())]
             if bad or any(m.name.endswith(".pt") for m in members):
-                raise IngestError(f"{f}: unsafe or checkpoint members {bad[:3]}")
+                refused.append(f"{f}: unsafe or checkpoint members {bad[:3]}")
+                continue
             tar.extractall(tmp)
             man = json.loads((Path(tmp) / "piece.json").read_text())
             problems = []
@@ -1165,10 +1168,14 @@ def ingest(files: list[Path], *, published_root: Path | None = None,
                                 f"{digest}: check out that commit to ingest")
             chapter = man["chapter"]
             folders = [Path(tmp) / chapter / name for name in man["runs"].values()]
+            if man.get("dry_run") and not allow_dry_run:
+                problems.append("a dry run's toy results (computed on a CPU) never enter the book")
             for folder in folders:
-                problems += _check_run(folder, man, allow_cpu=bool(man.get("dry_run")))
+                problems += _check_run(folder, man, allow_cpu=allow_dry_run and bool(man.get("dry_run")))
             if problems:
-                raise IngestError(f"{f} refused:\n  " + "\n  ".join(problems))
+                refused.append(f"{f} refused:\n  " + "\n  ".join(problems))
+                log(f"[ingest] {refused[-1]}")
+                continue
             for folder in folders:
                 dest = (root / chapter / folder.name) if results_layout else \
                     (root / chapter / "results" / folder.name)
@@ -1194,6 +1201,8 @@ def ingest(files: list[Path], *, published_root: Path | None = None,
                 f"{len(folders)} runs -> {root / chapter}")
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
     results._write_json(ledger_path, ledger)
+    if refused:
+        raise IngestError("\n".join(refused) + (f"\n(placed meanwhile: {placed})" if placed else ""))
     return {"placed": placed, "ledger": ledger}
 
 
@@ -1254,7 +1263,7 @@ def run_dry(out: Path, budget_s: float = 110.0, log=print) -> dict:
         files = sorted((out / "back").glob("*"))
         os.environ["REPRO_RESULTS"] = str(cpu_side)
         ing = ingest(files, published_root=cpu_side, results_layout=True,
-                     ledger_path=out / "ledger.json", log=log)
+                     ledger_path=out / "ledger.json", allow_dry_run=True, log=log)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)
         published = {}
@@ -1321,17 +1330,19 @@ def main(argv=None) -> int:
                           for k, v in m["pieces"].items()}, indent=1))
         return 0
     if args.action == "ingest":
+        rc = 0
         try:
-            r = ingest([Path(f) for f in args.files])
+            ingest([Path(f) for f in args.files])
         except IngestError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            rc = 2
+        ledger = read_ledger()
         for chapter in experiments.CHAPTERS:
-            ov = publish_overrides(chapter, r["ledger"])
+            ov = publish_overrides(chapter, ledger)
             if ov is not None:
                 flags = " ".join(f"-p {k} '{json.dumps(v)}'" for k, v in ov.items())
                 print(f"publish with: python -m repro publish {chapter} --preset gpu {flags}".rstrip())
-        return 0
+        return rc
     if args.action == "piece":
         # The GPU machine has no papermill, Jupyter, pandas or seaborn: the dry run blocks
         # them here (REPRO_CAMPAIGN_BLOCK), so a piece that needs one fails on the CPU first.

@@ -112,19 +112,25 @@ def test_pack_keeps_small_files_and_ingest_places_checked_runs(tmp_path):
     assert out["ledger"]["he-pgd"]["folders"] == [run.path.name]
 
 
-@pytest.mark.parametrize("tamper", ["config", "cpu", "library"])
+@pytest.mark.parametrize("tamper", ["config", "cpu", "library", "dry"])
 def test_ingest_refuses_what_does_not_check_out(tmp_path, tamper):
     device = None if tamper == "cpu" else "cuda: NVIDIA H200"
     run = _fake_run(tmp_path / "dev", "he", "pgd_at", {"a": 1}, device)
     if tamper == "config":
         (run.path / "config.json").write_text(json.dumps({"a": 2}))
-    man = _manifest(digest="0" * 16 if tamper == "library" else None)
+    man = _manifest(dry_run=tamper == "dry", digest="0" * 16 if tamper == "library" else None)
     f = campaign.pack_piece("he-pgd", "he", {"pgd_at": str(run.path)}, tmp_path, "", man)
     pub = tmp_path / "published"
+    good = _fake_run(tmp_path / "dev2", "he", "pgd_at_he", {"b": 1}, "cuda: NVIDIA H200")
+    ok = campaign.pack_piece("he-ok", "he", {"pgd_at_he": str(good.path)}, tmp_path / "dev2",
+                             "", _manifest())
     with pytest.raises(campaign.IngestError, match={"config": "config_key", "cpu": "not a GPU",
-                                                    "library": "library digest"}[tamper]):
-        campaign.ingest([f], published_root=pub, log=lambda *_: None)
-    assert not (pub / "he").exists()
+                                                    "library": "library digest",
+                                                    "dry": "dry run"}[tamper]):
+        campaign.ingest([f, ok], published_root=pub, log=lambda *_: None)
+    # the refused archive placed nothing; the good one beside it was placed and recorded
+    assert sorted(p.name for p in (pub / "he" / "results").iterdir()) == [good.path.name]
+    assert list(campaign.read_ledger(pub / "campaign-ledger.json")) == ["he-ok"]
 
 
 def test_done_pieces_are_skipped(tmp_path):
