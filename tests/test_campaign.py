@@ -220,3 +220,19 @@ def test_hot_paths_run_and_on_cuda_do_not_synchronise():
         pytest.skip("the sync count itself needs CUDA (the campaign's preflight records it)")
     got = campaign.sync_check(torch.device("cuda"))
     assert all(got[k]["syncs"] == 0 for k in ("pgd", "fgsm_rs", "train_batches")), got
+
+
+def test_a_piece_that_outruns_the_budget_is_killed_and_reported(tmp_path, monkeypatch):
+    import os
+    import time
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
+    piece = campaign.BY_ID["he-pgd"]
+    entry, manifest = {"spec_hash": "h"}, {"pieces": {}}
+    env = dict(os.environ)
+    t = time.monotonic()
+    campaign._run_one(piece, entry, 1.0, 1.0, 0.5, True, env, tmp_path, tmp_path, manifest,
+                      set(), lambda *_: None)
+    assert entry["status"] == "timeout" and entry["returncode"] == "timeout"
+    assert time.monotonic() - t < 30            # killed at the budget, not run to the end
+    assert entry["runs"] == {} and "file" not in entry   # nothing finished, nothing packed
+    assert not list(tmp_path.glob("piece-*.tar.gz"))
