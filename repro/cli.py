@@ -1,4 +1,4 @@
-"""Command line: ``python -m repro {run,experiment,params,data,bench} ...``.
+"""Command line: ``python -m repro {run,experiment,params,data,bench,publish,campaign} ...``.
 
     python -m repro run lmt --preset laptop -p epochs 5      # validate, then papermill
     python -m repro experiment lmt --preset gpu              # same results, no Jupyter
@@ -6,6 +6,7 @@
     python -m repro data prepare                             # offline data -> .data/
     python -m repro bench pgd --device cuda                  # speed benchmarks
     python -m repro publish intro --preset laptop            # notebook + results -> book/published/
+    python -m repro campaign plan                            # the GPU campaign's pieces
 
 An error (a bad parameter, a missing dataset, a corrupt checkpoint, a failed notebook cell)
 prints ``error: ...`` and exits non-zero (2 for parameters, 1 otherwise) without a Python
@@ -179,9 +180,15 @@ def _main(argv) -> int:
                        help="speed benchmarks (extra arguments, --help included, go to the "
                             "benchmark)")
     p.add_argument("name", nargs="?")
+    sub.add_parser("campaign", add_help=False,
+                   help="the GPU campaign: plan, run (on the GPU), ingest (extra arguments, "
+                        "--help included, go to repro.campaign)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
+    if args.command == "campaign":
+        from repro import campaign
+        return campaign.main(rest) or 0
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "publish":

@@ -252,17 +252,23 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True,
     """Random crop with zero padding and horizontal flip, on x's device, per image.
 
     Works on uint8 or float NCHW batches; the random draws come from ``generator`` (on
-    the CPU, so the same seed gives the same crops on any device).
+    the CPU, so the same seed gives the same crops on any device). On CUDA the draws travel
+    in one pinned, non-blocking copy: no stream synchronisation per batch (a plain
+    ``.to('cuda')`` of a pageable CPU tensor waits for the GPU to drain its queue).
     """
     n, _, h, w = x.shape
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     dev = x.device
+    draws = torch.stack([dx, dy, flips.long()])
+    if dev.type == "cuda":
+        draws = draws.pin_memory().to(dev, non_blocking=True)
+    dx, dy, flips = draws[0], draws[1], draws[2].bool()
     xp = F.pad(x, (pad, pad, pad, pad))
-    rows = (dy[:, None] + torch.arange(h)[None]).to(dev)               # n,h
-    cols = dx[:, None] + torch.arange(w)[None]                          # n,w
-    cols = torch.where(flips[:, None], cols.flip(1), cols).to(dev)
+    rows = dy[:, None] + torch.arange(h, device=dev)[None]              # n,h
+    cols = dx[:, None] + torch.arange(w, device=dev)[None]              # n,w
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
     idx = torch.arange(n, device=dev)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # n,h,w,c
     return out.permute(0, 3, 1, 2).contiguous()
@@ -289,7 +295,9 @@ def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: in
     """
     device = x.device if device is None else torch.device(device)
     n = len(y)
-    order = epoch_order(n, seed, epoch)
+    order = epoch_order(n, seed, epoch)    # one copy per epoch, not per batch; pinned and
+    if x.device.type == "cuda":            # asynchronous on CUDA (no stream sync)
+        order = order.pin_memory().to(x.device, non_blocking=True)
     steps = n // batch_size if drop_last else -(-n // batch_size)
     for step in range(start_step, steps):
         idx = order[step * batch_size:(step + 1) * batch_size].to(x.device)

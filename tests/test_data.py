@@ -121,6 +121,21 @@ def test_augment_is_a_padded_crop_or_flip_of_the_image(cifar10):
     assert not torch.equal(out, x)  # some image moved
 
 
+def test_augment_crops_where_its_cpu_draws_say(cifar10):
+    # The draws (x offsets, y offsets, flips) come from the CPU generator in this order on any
+    # device, so a GPU run crops exactly as a CPU run (and a resumed one) does.
+    x = cifar10.x_train[:16]
+    out = data.augment(x, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    dx, dy = torch.randint(0, 9, (16,), generator=g), torch.randint(0, 9, (16,), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(16):
+        want = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], want.flip(-1) if flips[i] else want)
+    assert flips.any() and not flips.all()
+
+
 def test_train_batches_resume_exactly_mid_epoch(mnist):
     x, y = mnist.x_train[:256], mnist.y_train[:256]
     full = list(data.train_batches(x, y, 32, seed=5, epoch=2))

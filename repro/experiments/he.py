@@ -173,12 +173,13 @@ SPEC = Spec("he", [
                    restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                    autoattack="fast", batch_size=64, lr=0.1, schedule="onecycle",
                    milestones=[0.5, 0.75], val_size=100, seed=0, device="auto"),
-    # One H100, six runs: PreAct-ResNet-18 (width 64), full CIFAR-10, 8 epochs of PGD-10 AT
-    # with a one-cycle schedule (estimate, not yet measured: ~25 s per epoch per run in bf16,
-    # ~20 min training + ~4 min evaluation). Resumable: checkpoints every epoch.
+    # One H200, six runs in three campaign pieces of two runs (repro/campaign.py: variants
+    # [pgd_at], [trades], [alp]; about 4-5 H200-minutes each by counted operations, not yet
+    # measured): PreAct-ResNet-18 (width 64), full CIFAR-10, 8 epochs of PGD-7 AT (Madry's
+    # CIFAR step count) with a one-cycle schedule, AutoAttack on the first 1000 test images.
     "gpu": dict(variants=list(VARIANTS), architecture="preact_resnet18", width=None, epochs=8,
-                n_train=None, n_test=2000, n_aa=1000, eps=8.0, train_steps=10, eval_steps=20,
-                restarts=1, s=None, m=None, eps_grid=[0.0, 2.0, 4.0, 8.0, 12.0, 16.0],
+                n_train=None, n_test=2000, n_aa=1000, eps=8.0, train_steps=7, eval_steps=20,
+                restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                 autoattack="fast", batch_size=128, lr=0.2, schedule="onecycle",
                 milestones=[0.5, 0.75], val_size=500, seed=0, device="auto"),
     # The paper's schedule: 110 epochs, lr 0.1 decayed ×0.1 at epochs 100 and 105, PGD-10

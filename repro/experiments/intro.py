@@ -34,8 +34,9 @@ SPEC = Spec("intro", [
     "laptop": dict(epochs=3, n_train=None, n_test=2000, eps=0.1, train_steps=10, eval_steps=40,
                    restarts=2, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
                    autoattack="fast", seed=0, device="auto"),
+    # one H200 campaign piece (~1-2 min by counted operations; repro/campaign.py)
     "gpu": dict(epochs=10, n_train=None, n_test=10000, eps=0.1, train_steps=20, eval_steps=100,
-                restarts=5, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
+                restarts=2, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
                 autoattack="standard", seed=0, device="auto"),
     "paper": dict(epochs=20, n_train=None, n_test=10000, eps=0.1, train_steps=40,
                   eval_steps=100, restarts=10, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
