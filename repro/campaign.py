@@ -197,7 +197,7 @@ DRY_OVERRIDES = {
     "lmt": dict(n_train=200, n_test=30, pgd_steps=2, cw_steps=2, cw_search=1),
     "advprop": dict(n_train=64, n_test=50, n_corrupt=20, widths=[4], eps_grid=[1],
                     corruptions=["gaussian_noise"], severities=[1], batch_size=32),
-    "bat": dict(n_train=200, n_val=50, n_test=60, mem_k=3, mem_epochs=1, epochs=1),
+    "bat": dict(n_train=200, n_val=50, n_test=60, curve_test=60, mem_k=3, mem_epochs=1, epochs=1),
 }
 DRY_PIECES = ("he-pgd",)   # the pieces a dry run executes (then packs, ingests, publishes)
 
