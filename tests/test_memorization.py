@@ -138,3 +138,73 @@ def test_split_half_reliability_tracks_the_noise():
     a = M.memorization(*simulate(200, 4)).value
     b = M.memorization(*simulate(200, 5)).value
     assert abs(M.correlation(a, b)["pearson"] - big["spearman_brown"]) < 0.05
+
+
+def test_subset_estimation_shards_and_merge(tmp_path):
+    def train_one(k, mask):
+        return {"train_clean": mask ^ (np.arange(len(mask)) % (k + 2) == 0)}
+
+    assert M.parse_shard("1/3") == (1, 3)
+    with pytest.raises(ValueError, match="i/N"):
+        M.parse_shard("3")
+    with pytest.raises(ValueError, match="0 <= i < N"):
+        M.parse_shard("3/3")
+    assert M.shard_models(7, (1, 3)) == [1, 4] and M.shard_models(3, None) == [0, 1, 2]
+    whole = M.SubsetEstimation(tmp_path / "whole", n=20, k=5, seed=1).run(train_one)
+    a = M.SubsetEstimation(tmp_path / "a", n=20, k=5, seed=1)
+    a.run(train_one, shard=(0, 2))
+    assert a.done() == [0, 2, 4] and a.missing() == [1, 3] and a.missing((0, 2)) == []
+    with pytest.raises(M.MissingModelsError, match="2 of 5 subset models missing.*1, 3") as e:
+        a.merged()
+    assert e.value.missing == [1, 3]
+    b = M.SubsetEstimation(tmp_path / "b", n=20, k=5, seed=1)
+    b.run(train_many=lambda ks, masks: [train_one(k, m) for k, m in zip(ks, masks)],
+          group=2, shard=(1, 2))
+    for k in b.done():  # the other machine's records, copied over
+        (tmp_path / "a" / b.path(k).name).write_bytes(b.path(k).read_bytes())
+    merged = a.merged()
+    for key in ("train_clean", "masks"):
+        np.testing.assert_array_equal(merged[key], whole[key])
+
+
+def _copy_models(src_root, dst_root):
+    import shutil
+    for f in src_root.glob("bat/subsets-*/models/model_*.npz"):
+        dst = dst_root / f.relative_to(src_root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+
+
+def test_two_shards_merged_equal_one_unsharded_run(tmp_path, monkeypatch, capsys, cifar100):
+    """BAT's subset models trained as shards 0/2 and 1/2 on two "machines" (two results
+    folders), copied together and merged, give exactly the estimate that one unsharded
+    estimation (the chapter's own code path) gives with the same K and seeds."""
+    import torch
+    from repro import cli, results
+    from repro.experiments import bat, common
+    p = ["-p", "contrast", "none", "-p", "mem_k", "4"]
+    for i in (0, 1):
+        monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / f"machine{i}"))
+        assert cli.main(["memorization", "train", "--quiet", "--shard", f"{i}/2", *p]) == 0
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "merged"))
+    _copy_models(tmp_path / "machine0", tmp_path / "merged")
+    capsys.readouterr()
+    assert cli.main(["memorization", "merge", "--quiet", *p]) == 1, "shard 1's models missing"
+    assert "missing [1, 3]" in capsys.readouterr().out
+    _copy_models(tmp_path / "machine1", tmp_path / "merged")
+    assert cli.main(["memorization", "merge", "--quiet", *p]) == 0
+    assert "4/4 subset models recorded" in capsys.readouterr().out
+
+    cfg = bat.SPEC.resolve("smoke", contrast="none", mem_k=4)
+    ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                             n_val=cfg["n_val"])
+    merged = bat.memorization_run(cfg, ds, torch.device("cpu"), train_missing=False)
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "whole"))
+    whole = bat.memorization_run(cfg, ds, torch.device("cpu"))
+    assert merged.path.name == whole.path.name and merged.path != whole.path
+    a, b = merged.arrays(), whole.arrays()
+    assert set(a) == set(b) and "mem" in a and "test_max_infl" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert merged.metrics()["estimate"] == whole.metrics()["estimate"]
+    assert (results.results_root() / "bat").exists()
