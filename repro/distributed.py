@@ -45,6 +45,7 @@ LOCAL_RANK set by torchrun; ``init_process_group`` with ``env://``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import replace
 
@@ -222,7 +223,12 @@ class DataParallel(Single):
         running statistics agree on every rank anyway."""
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch >= 2.13 renames broadcast_buffers=False (no per-forward broadcast)
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                   else {"broadcast_buffers": False})
+        return ddp(model, device_ids=ids, **no_sync)
 
     def _slice(self, n_global: int) -> slice:
         n = n_global // self.world_size

@@ -386,13 +386,14 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     net = par.wrap(model, device)  # DDP in a process group; the model itself otherwise
 
     def save_checkpoint():
+        saved_sums = par.mean_dict(sums)  # over the ranks: every rank resumes with the same sums
         if not par.is_writer:
             return
         atomic_save({"format": CHECKPOINT_FORMAT, "step": global_step, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(),
                      "objective_state": (objective.state_dict() if hasattr(objective, "state_dict") else {}),
                      "rng": _rng_state(device), "history": history, "best": best,
-                     "sums": {k: v.cpu() for k, v in sums.items()}, "counted": counted,
+                     "sums": {k: v.cpu() for k, v in saved_sums.items()}, "counted": counted,
                      "epoch_seconds": epoch_seconds + (time.perf_counter() - t_piece),
                      "seconds": total_seconds + (time.perf_counter() - t_piece),
                      "config": cfg.to_dict(), "objective": objective_config,
