@@ -186,9 +186,11 @@ def correct(ens: Ensemble, x: torch.Tensor, y: torch.Tensor, *, batch_size: int 
 
 def default_group(device) -> int:
     """How many subset models to train at once: ``$REPRO_ENSEMBLE`` if set, else 16 on CUDA
-    and 8 on the CPU (measured faster than one at a time on a 2-core CPU, see
-    book/how-to-run.md)."""
+    (small models leave a GPU launch-bound; not yet measured on one) and 1 on the CPU, where
+    the ensemble is not faster (one thread: 8 at once gave 900-1450 images/s in all against
+    1200-1600 for one model, on a busy 2-core machine) and one at a time keeps the published
+    CPU estimates bit for bit."""
     env = os.environ.get("REPRO_ENSEMBLE")
     if env:
         return max(1, int(env))
-    return 16 if torch.device(device).type == "cuda" else 8
+    return 16 if torch.device(device).type == "cuda" else 1

@@ -263,3 +263,31 @@ def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100):
                                     subsets, seeds, cfg, device="cpu", folder=tmp_path / "ens")
     for a, b in zip(again.params.values(), ens.params.values()):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_bat_subset_models_use_the_ensemble_when_asked(tmp_path, monkeypatch, cifar100):
+    """REPRO_ENSEMBLE=2 routes BAT's subset models through the batched ensemble (as CUDA
+    does by default): the same recorded arrays, up to a few borderline predictions."""
+    import torch
+    from repro.experiments import bat, common
+    # CIFAR-10, 4 epochs: models that learn (about 30% on their training set), so agreeing
+    # predictions mean the same models, not models stuck at one class
+    cfg = bat.SPEC.resolve("smoke", contrast="none", mem_k=3, dataset="cifar10", mem_epochs=4,
+                           mem_width=8)
+    ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                             n_val=cfg["n_val"])
+    cpu = torch.device("cpu")
+    out = {}
+    for group in ("1", "2"):
+        monkeypatch.setenv("REPRO_ENSEMBLE", group)
+        monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / group))
+        args = bat._subset_trainer(cfg, ds, cpu, tmp_path / group)
+        assert ("train_many" in args) == (group == "2")
+        out[group] = bat.subset_models(cfg, ds, cpu).arrays()
+    assert out["1"]["train_clean"].shape == out["2"]["train_clean"].shape == (3, len(ds.y_train))
+    for key in ("train_clean", "test_clean"):
+        a, b = out["1"][key], out["2"][key]
+        assert (a == b).mean() > 0.98, key
+        assert a.mean() > 0.15 and (a[0] == a[1]).mean() < 0.9, "the models learnt and differ"
+    np.testing.assert_array_equal(out["1"]["masks"], out["2"]["masks"])
+    assert not list((tmp_path / "2").glob("bat/subsets-*/models/ensemble_*")), "cleaned up"

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repro import (attacks, claims, data, distributed, evaluate, memorization, objectives,
-                   results, train)
+from repro import (attacks, claims, data, distributed, ensemble, evaluate, memorization,
+                   objectives, results, train)
 from repro.experiments import common
 from repro.params import Param, Spec
 from repro.train import TrainConfig
@@ -265,10 +265,13 @@ def _subset_estimation(cfg, ds, run_path: Path) -> memorization.SubsetEstimation
                                          cfg["mem_fraction"], cfg["seed"])
 
 
-def _subset_trainer(cfg, ds, device, run_path: Path, progress=False):
-    """``train_one(k, mask)`` for ``SubsetEstimation.run``: model k (its own seed, subset and
-    batch order) trained with the repro trainer (resumable from its checkpoint), then its
-    correctness on every training and test example."""
+def _subset_trainer(cfg, ds, device, run_path: Path, progress=False) -> dict:
+    """The arguments of ``SubsetEstimation.run`` that train subset models: ``train_one(k,
+    mask)`` trains model k (its own seed, subset and batch order) with the repro trainer
+    (resumable from its checkpoint) and returns its correctness on every training and test
+    example; where ``ensemble.default_group(device)`` > 1 (CUDA; ``$REPRO_ENSEMBLE``) and the
+    method is standard, ``train_many`` trains that many models at once as a batched ensemble
+    (resumable at its epoch ends)."""
     tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
                                           n_val=0, seed=cfg["seed"]),
                                augment=cfg["mem_augment"], batch_size=cfg["mem_batch_size"])
@@ -289,7 +292,26 @@ def _subset_trainer(cfg, ds, device, run_path: Path, progress=False):
         shutil.rmtree(folder, ignore_errors=True)  # weights are not needed any more
         return out
 
-    return train_one
+    group = ensemble.default_group(device)
+    if group <= 1 or adv:  # one at a time with the trainer (the published CPU runs)
+        return {"train_one": train_one}
+
+    def train_many(ks, masks):
+        # a batched ensemble (repro.ensemble): the same models as train_one's to float
+        # tolerance, trained together; standard objective only
+        seeds = [cfg["seed"] + 1000 + k for k in ks]
+        models = [_model_fn(cfg["mem_arch"], cfg["mem_width"], ds, s)() for s in seeds]
+        folder = run_path / "models" / f"ensemble_{ks[0]:04d}_{ks[-1]:04d}"
+        ens = ensemble.train_ensemble(models, ds.x_train, ds.y_train,
+                                      [np.flatnonzero(m) for m in masks], seeds, tcfg,
+                                      device=device, folder=folder,
+                                      progress=print if progress else None)
+        tr = ensemble.correct(ens, ds.x_train, ds.y_train, device=device)
+        te = ensemble.correct(ens, ds.x_test, ds.y_test, device=device)
+        shutil.rmtree(folder, ignore_errors=True)
+        return [{"train_clean": tr[i], "test_clean": te[i]} for i in range(len(ks))]
+
+    return {"train_many": train_many, "group": group}
 
 
 def subset_folder(cfg, ds) -> results.Run:
@@ -315,7 +337,7 @@ def train_subset_shard(cfg, ds, device, shard: tuple[int, int], progress=False) 
     if not run.done:
         run.prepare()
         est = _subset_estimation(cfg, ds, run.path)
-        est.run(_subset_trainer(cfg, ds, device, run.path, progress), shard=shard,
+        est.run(**_subset_trainer(cfg, ds, device, run.path, progress), shard=shard,
                 log=print if progress else None)
     return subset_status(cfg, ds)
 
@@ -329,7 +351,7 @@ def subset_models(cfg, ds, device, progress=False, *, train_missing: bool = True
     def compute(run: results.Run):
         est = _subset_estimation(cfg, ds, run.path)
         if train_missing:
-            est.run(_subset_trainer(cfg, ds, device, run.path, progress),
+            est.run(**_subset_trainer(cfg, ds, device, run.path, progress),
                     log=print if progress else None)
         stacked = est.merged()
         return {"k": int(len(stacked["masks"])), "n_train": len(ds.y_train),
