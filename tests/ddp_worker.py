@@ -1,6 +1,6 @@
 """A tiny data-parallel training run, for tests/test_distributed.py (not a test itself).
 
-    python tests/ddp_worker.py RUN_DIR [--exit-at STEP]                 # one process
+    python tests/ddp_worker.py RUN_DIR [--exit-at STEP] [--objective trades]   # one process
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR  # two, gloo on CPU
 
 A BN-free small CNN (PyTorch's SyncBatchNorm has no CPU kernel, so a BN model's per-rank
@@ -30,21 +30,28 @@ CONFIG = TrainConfig(epochs=2, batch_size=40, optimizer="sgd", lr=0.05, momentum
                      val_alpha=0.04, val_steps=2, seed=5)
 
 
-class Killable(objectives.PGDAT):
-    def __init__(self, exit_at):
-        super().__init__(eps=0.1, alpha=0.05, steps=2)
-        self._exit_at = exit_at
+def killable(base):
+    class Killable(base):
+        def __init__(self, exit_at):
+            super().__init__(eps=0.1, alpha=0.05, steps=2)
+            self._exit_at = exit_at
 
-    def __call__(self, model, batch, state):
-        if state.step == self._exit_at:
-            os._exit(3)
-        return super().__call__(model, batch, state)
+        def __call__(self, model, batch, state):
+            if state.step == self._exit_at:
+                os._exit(3)
+            return super().__call__(model, batch, state)
+    return Killable
+
+
+OBJECTIVES = {"pgd_at": objectives.PGDAT,   # attack forwards, one training forward
+              "trades": objectives.TRADES}  # KL attack, two training forwards per step
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
     p.add_argument("--exit-at", type=int, default=-1)
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="pgd_at")
     args = p.parse_args()
     torch.set_num_threads(1)
     if distributed:
@@ -52,7 +59,7 @@ def main():
     ds = data.load("mnist").limit(n_train=240, n_val=40)
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=4)
-    result = train(model, Killable(args.exit_at), ds, CONFIG, args.run_dir, progress=False)
+    result = train(model, killable(OBJECTIVES[args.objective])(args.exit_at), ds, CONFIG, args.run_dir, progress=False)
     if distributed is None or distributed.is_writer():
         weights = torch.load(Path(args.run_dir) / "final.pt", weights_only=True)
         print(json.dumps({"resumed_from": result.resumed_from, "history": result.history,

@@ -30,8 +30,8 @@ REFERENCE = {
 METRICS = ("loss", "adv_acc", "val_clean", "val_robust")
 
 
-def _run(run_dir, nproc=1, exit_at=None, check=True):
-    cmd = [sys.executable, str(WORKER), str(run_dir)]
+def _run(run_dir, nproc=1, exit_at=None, check=True, objective="pgd_at"):
+    cmd = [sys.executable, str(WORKER), str(run_dir), "--objective", objective]
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     if exit_at is not None:
@@ -82,6 +82,19 @@ def test_two_processes_equal_one(runs):
     lines = (dir2 / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [6, 12]
     assert not (dir2 / "checkpoint.pt").exists() and (dir2 / "result.json").exists()
+
+
+def test_two_processes_equal_one_with_trades(tmp_path, data_root):
+    """TRADES: a KL attack and two training forwards (clean and adversarial) through DDP
+    before one backward."""
+    one = _run(tmp_path / "n1", objective="trades")
+    two = _run(tmp_path / "n2", nproc=2, objective="trades")
+    w1, w2 = _weights(tmp_path / "n1"), _weights(tmp_path / "n2")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+    for r1, r2 in zip(one["history"], two["history"], strict=True):
+        for k in ("loss", "natural", "kl", "acc", "adv_acc"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-7), k
 
 
 def test_killed_two_process_run_resumes_to_the_uninterrupted_one(runs, tmp_path):
