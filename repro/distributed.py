@@ -34,7 +34,13 @@ kernel, so on CPU (gloo) BN layers stay per-rank: equality with N = 1 holds ther
 BN-free models.
 
 What is exact: objectives whose loss is a mean of per-example terms (standard, PGD-AT,
-TRADES, ALP, FGSM-RS, HE's margin losses, LMT). Losses that couple the examples of a batch
+TRADES, ALP, FGSM-RS, HE's margin losses, LMT) get the single-process step up to float
+rounding (the gradients are summed in another order). Over many steps that rounding is
+amplified where the method is discontinuous or normalising: PGD's sign steps and Adam's
+g / sqrt(v) (measured, 1 vs 2 gloo processes, small CNN on MNIST, PGD-5 training: max weight
+difference 3e-8 after 3 and 10 SGD steps, 2e-3 after 30; with Adam 2e-6 after 3 steps,
+3e-3 after 10), so long runs agree as two runs on different hardware do, not bit for bit.
+Losses that couple the examples of a batch
 (BAT's normalised weights sum_i w_i L_i / sum_i w_i, its contrastive discrimination loss,
 AdvProp's concatenated batches through plain BN) are computed per slice, which is what
 per-GPU data parallelism does in practice but not the single-process number.
