@@ -79,7 +79,9 @@ def cmd_experiment(args) -> int:
     distributed.init_from_env()  # under torchrun: data-parallel training, rank 0 writes
     try:
         start = time.time()
-        result = module.run(args.preset, **_overrides(args.parameter))
+        # progress bars from rank 0 only (the others evaluate the same models alike)
+        kw = {} if distributed.is_writer() else {"progress": False}
+        result = module.run(args.preset, **kw, **_overrides(args.parameter))
         summary = result.get("summary", {}) if isinstance(result, dict) else {}
         if distributed.is_writer():
             print(json.dumps(summary, indent=2, default=str))

@@ -143,3 +143,40 @@ def test_single_process_hooks_are_the_identity():
     m = torch.nn.Linear(2, 2)
     assert par.wrap(m, torch.device("cpu")) is m and par.prepare(m, torch.device("cpu")) is m
     assert distributed.agree("x") == "x"
+
+
+def test_torchrun_experiment_writes_once_and_matches_one_process(tmp_path, data_root):
+    """``torchrun -m repro experiment``: rank 0 writes the run folders (under the same cache
+    keys as a one-process run), the standard model's metrics equal the one-process run's, and
+    a second torchrun reuses the finished runs on every rank (no rank trains alone)."""
+    args = ["-m", "repro", "experiment", "intro", "--preset", "smoke", "-p", "n_train", "600",
+            "-p", "n_test", "40", "-p", "eval_steps", "2", "-p", "eps_grid", "[0.0, 0.1]"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    root = Path(__file__).resolve().parents[1]
+
+    def run(cmd, results):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "REPRO_RESULTS": str(results)}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    log = run(torchrun + args, tmp_path / "two")
+    assert "finished in" in log and "on 2 processes" in log
+    run([sys.executable] + args, tmp_path / "one")
+    two = sorted(p.name for p in (tmp_path / "two" / "intro").iterdir())
+    one = sorted(p.name for p in (tmp_path / "one" / "intro").iterdir())
+    assert two == one and len(two) == 2
+    for name in two:
+        folder = tmp_path / "two" / "intro" / name
+        assert (folder / "DONE").exists() and not (folder / "train" / "checkpoint.pt").exists()
+        assert not list(folder.rglob("*.tmp*"))
+    std = next(n for n in two if n.startswith("standard"))
+    m1 = json.loads((tmp_path / "one" / "intro" / std / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "intro" / std / "metrics.json").read_text())
+    assert m2["accuracy"] == pytest.approx(m1["accuracy"], abs=1e-9)
+    h1, h2 = m1["training"]["history"], m2["training"]["history"]
+    assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
+    again = run(torchrun + args, tmp_path / "two")
+    assert again.count("[cache] intro/") >= 2 * 2, "both runs reused on both ranks"
