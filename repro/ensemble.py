@@ -186,10 +186,11 @@ def correct(ens: Ensemble, x: torch.Tensor, y: torch.Tensor, *, batch_size: int 
 
 def default_group(device) -> int:
     """How many subset models to train at once: ``$REPRO_ENSEMBLE`` if set, else 16 on CUDA
-    (small models leave a GPU launch-bound; not yet measured on one) and 1 on the CPU, where
-    the ensemble is not faster (one thread: 8 at once gave 900-1450 images/s in all against
-    1200-1600 for one model, on a busy 2-core machine) and one at a time keeps the published
-    CPU estimates bit for bit."""
+    (small models leave a GPU launch-bound; not yet measured on one: ``python -m repro bench
+    ensemble``) and 1 on the CPU, where the ensemble is not faster (one thread, BN small CNN
+    width 16, batch 128: 8 at once 1700-1860 images/s in all, one model 1790-2670 in the
+    ensemble and 1740-2240 in the trainer, on a busy shared 2-core machine) and one at a time
+    keeps the published CPU estimates bit for bit."""
     env = os.environ.get("REPRO_ENSEMBLE")
     if env:
         return max(1, int(env))

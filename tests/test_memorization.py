@@ -291,3 +291,11 @@ def test_bat_subset_models_use_the_ensemble_when_asked(tmp_path, monkeypatch, ci
         assert a.mean() > 0.15 and (a[0] == a[1]).mean() < 0.9, "the models learnt and differ"
     np.testing.assert_array_equal(out["1"]["masks"], out["2"]["masks"])
     assert not list((tmp_path / "2").glob("bat/subsets-*/models/ensemble_*")), "cleaned up"
+
+
+def test_bench_ensemble_runs(capsys):
+    from repro import cli
+    assert cli.main(["bench", "ensemble", "--device", "cpu", "--models", "1", "2",
+                     "--batch-size", "8", "--steps", "2", "--width", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble M=  2:" in out and "trainer, one model:" in out
