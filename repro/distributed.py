@@ -170,6 +170,39 @@ class SliceRandomness(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# ----------------------------------------------------------------------------- wrapped model
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP whose attributes fall back to the wrapped model's, so objectives that read them
+    (HE's ``model.head`` check) see the model they would see in one process."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+_RULES_REGISTERED = False
+
+
+def _register_lipschitz_rules() -> None:
+    """LMT's training-time bound walks the model it is given (``repro.lipschitz.plan``):
+    plan a DDP wrapper as the model it wraps (same layer names, so the power-iteration
+    vectors checkpoint under the same keys for any N), and SyncBatchNorm as the BatchNorm it
+    replaced (the same inference-time map)."""
+    global _RULES_REGISTERED
+    if _RULES_REGISTERED:
+        return
+    from repro import lipschitz
+    lipschitz.register_bound(nn.parallel.DistributedDataParallel)(
+        lambda m, shape, name: lipschitz.plan(m.module, shape, name))
+    lipschitz.register_bound(nn.SyncBatchNorm)(lipschitz._bn_rule)
+    _RULES_REGISTERED = True
+
+
 # ----------------------------------------------------------------------------- trainer hooks
 
 class Single:
@@ -209,6 +242,7 @@ class DataParallel(Single):
     def __init__(self):
         self.world_size, self.rank = world_size(), rank()
         self.is_writer = self.rank == 0
+        _register_lipschitz_rules()
 
     def check(self, batch_size: int) -> None:
         if batch_size % self.world_size:
@@ -229,10 +263,11 @@ class DataParallel(Single):
         running statistics agree on every rank anyway."""
         ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel
+        ddp = _DDP
         # torch >= 2.13 renames broadcast_buffers=False (no per-forward broadcast)
         no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                   if "forward_sync_buffers" in inspect.signature(
+                       nn.parallel.DistributedDataParallel.__init__).parameters
                    else {"broadcast_buffers": False})
         return ddp(model, device_ids=ids, **no_sync)
 

@@ -30,10 +30,10 @@ CONFIG = TrainConfig(epochs=2, batch_size=40, optimizer="sgd", lr=0.05, momentum
                      val_alpha=0.04, val_steps=2, seed=5)
 
 
-def killable(base):
+def killable(base, **kw):
     class Killable(base):
         def __init__(self, exit_at):
-            super().__init__(eps=0.1, alpha=0.05, steps=2)
+            super().__init__(**kw)
             self._exit_at = exit_at
 
         def __call__(self, model, batch, state):
@@ -43,8 +43,10 @@ def killable(base):
     return Killable
 
 
-OBJECTIVES = {"pgd_at": objectives.PGDAT,   # attack forwards, one training forward
-              "trades": objectives.TRADES}  # KL attack, two training forwards per step
+ATTACK = dict(eps=0.1, alpha=0.05, steps=2)
+OBJECTIVES = {"pgd_at": (objectives.PGDAT, ATTACK),   # attack forwards, one training forward
+              "trades": (objectives.TRADES, ATTACK),  # KL attack, two training forwards
+              "lmt": (objectives.LMT, dict(c=0.1))}   # a bound that walks the (wrapped) model
 
 
 def main():
@@ -59,7 +61,7 @@ def main():
     ds = data.load("mnist").limit(n_train=240, n_val=40)
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=4)
-    result = train(model, killable(OBJECTIVES[args.objective])(args.exit_at), ds, CONFIG, args.run_dir, progress=False)
+    result = train(model, killable(OBJECTIVES[args.objective][0], **OBJECTIVES[args.objective][1])(args.exit_at), ds, CONFIG, args.run_dir, progress=False)
     if distributed is None or distributed.is_writer():
         weights = torch.load(Path(args.run_dir) / "final.pt", weights_only=True)
         print(json.dumps({"resumed_from": result.resumed_from, "history": result.history,

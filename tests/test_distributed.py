@@ -84,16 +84,20 @@ def test_two_processes_equal_one(runs):
     assert not (dir2 / "checkpoint.pt").exists() and (dir2 / "result.json").exists()
 
 
-def test_two_processes_equal_one_with_trades(tmp_path, data_root):
+@pytest.mark.parametrize("objective, logs", [
+    ("trades", ("loss", "natural", "kl", "acc", "adv_acc")),
+    ("lmt", ("loss", "acc", "lipschitz"))])
+def test_two_processes_equal_one_with_other_objectives(tmp_path, data_root, objective, logs):
     """TRADES: a KL attack and two training forwards (clean and adversarial) through DDP
-    before one backward."""
-    one = _run(tmp_path / "n1", objective="trades")
-    two = _run(tmp_path / "n2", nproc=2, objective="trades")
+    before one backward. LMT: a Lipschitz bound that walks the (DDP-wrapped) model, with
+    persistent power-iteration vectors on every rank."""
+    one = _run(tmp_path / "n1", objective=objective)
+    two = _run(tmp_path / "n2", nproc=2, objective=objective)
     w1, w2 = _weights(tmp_path / "n1"), _weights(tmp_path / "n2")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
     for r1, r2 in zip(one["history"], two["history"], strict=True):
-        for k in ("loss", "natural", "kl", "acc", "adv_acc"):
+        for k in logs:
             assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-7), k
 
 
