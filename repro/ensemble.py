@@ -33,8 +33,6 @@ from torch.func import functional_call, stack_module_state, vmap
 from repro import data as data_lib
 from repro import losses, train as train_lib
 
-ENSEMBLE_FORMAT = 1
-
 
 class Ensemble:
     """M models of one architecture as stacked parameters and buffers.
