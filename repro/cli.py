@@ -7,6 +7,8 @@
     python -m repro bench pgd --device cuda                  # speed benchmarks
     python -m repro publish intro --preset laptop            # notebook + results -> book/published/
     python -m repro campaign plan                            # the GPU campaign's pieces
+    torchrun --nproc_per_node=4 -m repro experiment he --preset paper   # data-parallel
+    python -m repro memorization train --preset gpu --shard 0/8          # BAT's subset models
 
 An error (a bad parameter, a missing dataset, a corrupt checkpoint, a failed notebook cell)
 prints ``error: ...`` and exits non-zero (2 for parameters, 1 otherwise) without a Python
@@ -74,17 +76,78 @@ def cmd_run(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from repro import distributed
     module = experiments.get(args.chapter)
     try:
         module.SPEC.resolve(args.preset, **_overrides(args.parameter))
     except params.ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    start = time.time()
-    result = module.run(args.preset, **_overrides(args.parameter))
-    summary = result.get("summary", {}) if isinstance(result, dict) else {}
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"{args.chapter} [{args.preset}] finished in {time.time() - start:.1f}s")
+    distributed.init_from_env()  # under torchrun: data-parallel training, rank 0 writes
+    try:
+        start = time.time()
+        # progress bars from rank 0 only (the others evaluate the same models alike)
+        kw = {} if distributed.is_writer() else {"progress": False}
+        result = module.run(args.preset, **kw, **_overrides(args.parameter))
+        summary = result.get("summary", {}) if isinstance(result, dict) else {}
+        if distributed.is_writer():
+            print(json.dumps(summary, indent=2, default=str))
+            print(f"{args.chapter} [{args.preset}] finished in {time.time() - start:.1f}s"
+                  + (f" on {distributed.world_size()} processes"
+                     if distributed.world_size() > 1 else ""))
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def cmd_memorization(args) -> int:
+    """BAT's memorization estimate as independent shards: ``train --shard i/N`` records
+    models i, i+N, ... of the K subset models; ``status`` lists the missing ones; ``merge``
+    computes the estimates once all K are recorded (it also trains the one proxy run)."""
+    from repro import memorization
+    from repro.experiments import bat, common
+    overrides = _overrides(args.parameter)
+    try:
+        cfg = bat.SPEC.resolve(args.preset, **overrides)
+        shard = memorization.parse_shard(args.shard) if args.action == "train" else None
+    except (params.ParameterError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.action == "train" and shard is None:
+        print("error: memorization train needs --shard i/N (e.g. --shard 0/1 for all)",
+              file=sys.stderr)
+        return 2
+    names = [cfg["dataset"]] + ([cfg["contrast"]] if cfg["contrast"] not in
+                                ("none", cfg["dataset"]) else [])
+    if args.data != "all":
+        names = [names[0]] if args.data == "main" else names[1:]
+    device = common.pick_device(cfg["device"])
+    missing = 0
+    for name in names:
+        ds = common.load_dataset(name, n_train=cfg["n_train"], n_test=cfg["n_test"],
+                                 n_val=cfg["n_val"])
+        if args.action == "train":
+            st = bat.train_subset_shard(cfg, ds, device, shard, progress=not args.quiet)
+        elif args.action == "status":
+            st = bat.subset_status(cfg, ds)
+        else:
+            st = bat.subset_status(cfg, ds)
+            if not st["missing"]:
+                run = bat.memorization_run(cfg, ds, device, progress=not args.quiet,
+                                           with_proxy=name == cfg["dataset"], train_missing=False)
+                st["estimate"] = run.metrics()["estimate"]
+                st["memorization_run"] = str(run.path)
+        missing += len(st["missing"])
+        shown = st["missing"][:20] + (["..."] if len(st["missing"]) > 20 else [])
+        print(f"[memorization] {name}: {st['done']}/{st['k']} subset models recorded in "
+              f"{st['folder']}/models" + (f"; missing {shown}" if st["missing"] else ""))
+        if "estimate" in st:
+            print(f"[memorization] {name}: estimate -> {st['memorization_run']}\n"
+                  + json.dumps(st["estimate"], indent=1))
+    if args.action == "merge" and missing:
+        print(f"error: {missing} subset models missing; run their shards (or copy their "
+              f"model_*.npz into the folders above) and merge again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -169,6 +232,16 @@ def _main(argv) -> int:
     _add_chapter_args(p)
     p.add_argument("--kernel", default="python3")
     p.add_argument("--allow-smoke", action="store_true", help="publish a smoke run (tests only)")
+    p = sub.add_parser("memorization", help="BAT's subset models as shards: train --shard "
+                       "i/N, status, merge")
+    p.add_argument("action", choices=["train", "status", "merge"])
+    p.add_argument("--preset", default="smoke", help="BAT's preset (smoke, laptop, gpu, paper)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override one BAT parameter (repeatable)")
+    p.add_argument("--shard", help="i/N: train models i, i+N, i+2N, ... of the K (train only)")
+    p.add_argument("--data", choices=["all", "main", "contrast"], default="all",
+                   help="which dataset's estimate (default: the main one and the contrast)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p = sub.add_parser("params", help="list a chapter's parameters and presets")
     p.add_argument("chapter")
     p = sub.add_parser("data", help="prepare or list datasets")
@@ -195,7 +268,7 @@ def _main(argv) -> int:
         from repro import publish
         return publish.main(args)
     return {"run": cmd_run, "experiment": cmd_experiment, "params": cmd_params,
-            "data": cmd_data}[args.command](args)
+            "data": cmd_data, "memorization": cmd_memorization}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -234,14 +234,51 @@ def split_half_reliability(correct: np.ndarray, masks: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- estimation
 
+class MissingModelsError(FileNotFoundError):
+    """The estimate needs subset models that no shard has recorded yet; ``missing`` lists
+    their indices."""
+
+    def __init__(self, folder: Path, missing: list[int], k: int):
+        self.folder, self.missing, self.k = folder, missing, k
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        super().__init__(f"{len(missing)} of {k} subset models missing in {folder}: {shown}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N), 0 <= i < N (a shard index, e.g. ``$SLURM_ARRAY_TASK_ID/N``)."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def shard_models(k: int, shard: tuple[int, int] | None) -> list[int]:
+    """The model indices of shard (i, N) out of K: every N-th one starting at i (balanced,
+    and growing K never moves a model to another shard). ``None``: all K."""
+    if shard is None:
+        return list(range(k))
+    i, n = shard
+    return list(range(i, k, n))
+
+
 class SubsetEstimation:
     """K subset models, each its own file ``<folder>/model_<k>.npz`` holding that model's
     bool correctness arrays (e.g. ``train_clean``, ``test_clean``, ``train_adv``). Finished
     models are skipped, so a killed estimation continues where it stopped; a manifest pins
     (n, K-independent subset seed, fraction) so a folder is never mixed across settings.
 
+    The models are independent, so they can be trained in shards (``run(..., shard=(i, N))``)
+    on any mix of machines; copying every shard's ``model_*.npz`` into one folder and calling
+    ``merged()`` gives exactly the arrays of one unsharded run (each model is a pure function
+    of its index: its subset, seed and initialisation).
+
     ``train_one(k, mask) -> dict[str, bool array]`` trains model k on the examples where
-    ``mask`` is True and returns its correctness on every training and test example.
+    ``mask`` is True and returns its correctness on every training and test example;
+    ``train_many(ks, masks) -> list of such dicts`` trains several at once (a batched
+    ensemble, ``repro.ensemble``), ``group`` models per call.
     """
 
     def __init__(self, folder, n: int, k: int, fraction: float = 0.7, seed: int = 0):
@@ -258,27 +295,60 @@ class SubsetEstimation:
     def done(self) -> list[int]:
         return [k for k in range(self.k) if self.path(k).exists()]
 
-    def run(self, train_one: Callable[[int, np.ndarray], dict], log: Callable | None = None):
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def missing(self, shard: tuple[int, int] | None = None) -> list[int]:
+        return [k for k in shard_models(self.k, shard) if not self.path(k).exists()]
+
+    def _check_manifest(self, write: bool) -> None:
         manifest = self.folder / "manifest.json"
         if manifest.exists():
             old = json.loads(manifest.read_text())
             if old != self._manifest():
                 raise ValueError(f"{self.folder} holds an estimation with {old}, not "
                                  f"{self._manifest()}; use another folder")
-        else:
-            manifest.write_text(json.dumps(self._manifest()))
-        for stale in self.folder.glob(".*.tmp.npz"):
-            stale.unlink(missing_ok=True)
-        for k in range(self.k):
-            if self.path(k).exists():
-                continue
-            arrays = train_one(k, self.masks[k])
-            tmp = self.folder / f".model_{k:04d}.{os.getpid()}.tmp.npz"
-            np.savez_compressed(tmp, **{n: np.asarray(v, dtype=bool) for n, v in arrays.items()})
-            os.replace(tmp, self.path(k))
+        elif write:
+            tmp = self.folder / f".manifest.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self._manifest()))
+            os.replace(tmp, manifest)
+
+    def _save(self, k: int, arrays: dict) -> None:
+        tmp = self.folder / f".model_{k:04d}.{os.getpid()}.tmp.npz"
+        np.savez_compressed(tmp, **{n: np.asarray(v, dtype=bool) for n, v in arrays.items()})
+        os.replace(tmp, self.path(k))
+
+    def run(self, train_one: Callable[[int, np.ndarray], dict] | None = None,
+            log: Callable | None = None, *, shard: tuple[int, int] | None = None,
+            train_many: Callable[[list, np.ndarray], list] | None = None, group: int = 1):
+        """Train the missing models of ``shard`` (default: all K) and record each as soon as
+        it is done; returns ``load()`` (the finished models so far). Under ``torchrun`` only
+        rank 0 writes (every rank computes the same arrays)."""
+        from repro import distributed
+        writer = distributed.is_writer()
+        if writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".*.tmp.npz"):
+                stale.unlink(missing_ok=True)
+        self._check_manifest(write=writer)
+        todo = self.missing(shard)
+        if train_many is None and train_one is None:
+            raise ValueError("give train_one or train_many")
+        step = max(1, group) if train_many is not None else 1
+        for start in range(0, len(todo), step):
+            ks = todo[start:start + step]
+            outs = (train_many(ks, self.masks[ks]) if train_many is not None
+                    else [train_one(ks[0], self.masks[ks[0]])])
+            for k, arrays in zip(ks, outs):
+                if writer:
+                    self._save(k, arrays)
             if log:
-                log(f"[memorization] model {k + 1}/{self.k} done")
+                log(f"[memorization] models {ks} done ({len(self.done())}/{self.k} recorded)")
+        return self.load()
+
+    def merged(self) -> dict[str, np.ndarray]:
+        """``load()`` of all K models; ``MissingModelsError`` (naming them) if any is missing."""
+        self._check_manifest(write=False)
+        missing = self.missing()
+        if missing:
+            raise MissingModelsError(self.folder, missing, self.k)
         return self.load()
 
     def load(self) -> dict[str, np.ndarray]:

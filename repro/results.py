@@ -100,13 +100,20 @@ class Run:
         return (self.path / "DONE").exists()
 
     def prepare(self) -> "Run":
+        from repro import distributed
+        if not distributed.is_writer():  # under torchrun rank 0 alone writes run folders
+            return self
         self.path.mkdir(parents=True, exist_ok=True)
         _write_json(self.path / "config.json", self.config)
         return self
 
     def save(self, metrics: dict, arrays: dict[str, np.ndarray] | None = None, *,
              wall_time_s: float | None = None, device=None) -> None:
-        """Write the results and mark the run finished (arrays first, DONE last)."""
+        """Write the results and mark the run finished (arrays first, DONE last); under
+        torchrun only on rank 0 (the other ranks computed the same results)."""
+        from repro import distributed
+        if not distributed.is_writer():
+            return
         self.prepare()
         if arrays:
             tmp = self.path / "arrays.tmp.npz"
@@ -156,8 +163,10 @@ def cached(chapter: str, name: str, config: dict,
     ``compute`` gets the (created) run folder, may keep checkpoints in it so an interrupted
     computation resumes, and returns ``(metrics, arrays)``.
     """
+    from repro import distributed
     run = find_run(chapter, name, config)
-    if run.done:
+    if distributed.agree(run.done):  # under torchrun: rank 0's view, so every rank computes or none
+        run = find_run(chapter, name, config)
         if log:
             log(f"[cache] {chapter}/{name}: reusing {run.path}")
         return run
@@ -165,6 +174,7 @@ def cached(chapter: str, name: str, config: dict,
     start = time.time()
     metrics, arrays = compute(run)
     run.save(metrics, arrays, wall_time_s=time.time() - start, device=device)
+    distributed.barrier()  # rank 0's files exist before any rank reads them
     return run
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from repro import data as data_lib
+from repro import distributed
 from repro.objectives import Batch, StepState
 
 CHECKPOINT_FORMAT = 1
@@ -318,7 +319,12 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     ``cfg.val_size`` validation images); its ``cfg.select_metric`` entry picks ``best.pt``.
     Restarting with the same ``run_dir`` resumes; a finished ``run_dir`` returns at once
     (and loads the final weights into ``model``).
+
+    Inside a ``torchrun`` process group the run is data-parallel (``repro.distributed``):
+    each rank trains on its slice of every global batch, rank 0 writes and validates.
     """
+    par = distributed.context()          # the identity hooks in a single process
+    progress = progress and par.is_writer
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -328,7 +334,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     model.to(device)
     if result_path.exists():
         return _finished(result_path, model, device)
-    for stale in run_dir.glob(".*.tmp"):  # half-written files of a killed run
+    for stale in run_dir.glob(".*.tmp") if par.is_writer else ():  # half-written files of a killed run
         stale.unlink(missing_ok=True)
 
     if use_channels_last(cfg, device):
@@ -341,6 +347,8 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(y_train)} training images")
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    par.check(cfg.batch_size)
+    model = par.prepare(model, device)
     optimizer = make_optimizer(model, cfg)
     objective_config = _objective_config(objective)
     channels_last = use_channels_last(cfg, device)
@@ -367,18 +375,25 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
         counted, epoch_seconds, total_seconds = ckpt["counted"], ckpt["epoch_seconds"], ckpt["seconds"]
         _set_rng_state(ckpt["rng"], device)
         resumed_from = global_step
+    par.barrier()  # every rank has read the checkpoint before rank 0 writes anything
     # metrics.jsonl always mirrors the checkpoint's history (a killed run may have written more)
-    _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)
+    if par.is_writer:
+        _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)
 
     if cfg.compile:
         model.compile()
 
+    net = par.wrap(model, device)  # DDP in a process group; the model itself otherwise
+
     def save_checkpoint():
+        saved_sums = par.mean_dict(sums)  # over the ranks: every rank resumes with the same sums
+        if not par.is_writer:
+            return
         atomic_save({"format": CHECKPOINT_FORMAT, "step": global_step, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(),
                      "objective_state": (objective.state_dict() if hasattr(objective, "state_dict") else {}),
                      "rng": _rng_state(device), "history": history, "best": best,
-                     "sums": {k: v.cpu() for k, v in sums.items()}, "counted": counted,
+                     "sums": {k: v.cpu() for k, v in saved_sums.items()}, "counted": counted,
                      "epoch_seconds": epoch_seconds + (time.perf_counter() - t_piece),
                      "seconds": total_seconds + (time.perf_counter() - t_piece),
                      "config": cfg.to_dict(), "objective": objective_config,
@@ -392,6 +407,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
             epoch, start = divmod(global_step, steps_per_epoch)
             for step_in_epoch, batch in epoch_batches(x_train, y_train, cfg.batch_size, seed=cfg.seed,
                                                       epoch=epoch, start_step=start, augment=cfg.augment):
+                batch = par.shard(batch)
                 if channels_last:
                     batch.x = batch.x.contiguous(memory_format=torch.channels_last)
                 state = StepState(epoch, global_step, total_steps, steps_per_epoch,
@@ -399,9 +415,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                 lr = lr_at(cfg, global_step, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with autocast_context(cfg, device):
-                    loss, logs = objective(model, batch, state)
-                if not torch.isfinite(loss.detach()).item():
+                with autocast_context(cfg, device), par.randomness(state.generator, len(batch.y)):
+                    loss, logs = objective(net, batch, state)
+                if not torch.isfinite(par.mean(loss.detach())).item():
                     last = f"{ckpt_path} (step {global_step_saved(ckpt_path)})" if ckpt_path.exists() else "none yet"
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at step {global_step} (0-based, epoch {epoch}); "
@@ -425,9 +441,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                 epoch_done = step_in_epoch + 1 == steps_per_epoch or global_step == total_steps
                 if epoch_done:
                     record = {"epoch": epoch + 1, "step": global_step, "lr": lr}
-                    record.update({k: (v / counted).item() for k, v in sums.items()})
+                    record.update({k: (v / counted).item() for k, v in par.mean_dict(sums).items()})
                     last_epoch = global_step == total_steps
-                    if cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+                    if par.is_writer and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
                         with autocast_context(cfg, device):
                             record.update(validate(model) if validate is not None else
                                           validate_robust(model, dataset.x_val, dataset.y_val, cfg, device))
@@ -442,8 +458,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                     # from it must not average the finished epoch into the next one's log
                     t_piece, epoch_seconds, sums, counted = time.perf_counter(), 0.0, {}, 0
                     save_checkpoint()
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    if par.is_writer:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
                     if progress:
                         bar.write(_format_record(record))
                 elif cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
@@ -453,12 +470,16 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     finally:
         bar.close()
 
+    if not par.is_writer:  # rank 0 writes the result; every rank returns it, final weights loaded
+        par.barrier()
+        return _finished(result_path, model, device)
     atomic_save(model.state_dict(), final_path)
     result = TrainResult(run_dir, history, final_path, best_path if best["metric"] is not None else None,
                          best["metric"], best["step"], total_steps, round(total_seconds, 3),
                          resumed_from)
     _atomic_write_text(json.dumps(result.to_json(), indent=1), result_path)
     ckpt_path.unlink(missing_ok=True)  # the run is complete: final.pt and best.pt remain
+    par.barrier()
     return result
 
 

@@ -138,3 +138,164 @@ def test_split_half_reliability_tracks_the_noise():
     a = M.memorization(*simulate(200, 4)).value
     b = M.memorization(*simulate(200, 5)).value
     assert abs(M.correlation(a, b)["pearson"] - big["spearman_brown"]) < 0.05
+
+
+def test_subset_estimation_shards_and_merge(tmp_path):
+    def train_one(k, mask):
+        return {"train_clean": mask ^ (np.arange(len(mask)) % (k + 2) == 0)}
+
+    assert M.parse_shard("1/3") == (1, 3)
+    with pytest.raises(ValueError, match="i/N"):
+        M.parse_shard("3")
+    with pytest.raises(ValueError, match="0 <= i < N"):
+        M.parse_shard("3/3")
+    assert M.shard_models(7, (1, 3)) == [1, 4] and M.shard_models(3, None) == [0, 1, 2]
+    whole = M.SubsetEstimation(tmp_path / "whole", n=20, k=5, seed=1).run(train_one)
+    a = M.SubsetEstimation(tmp_path / "a", n=20, k=5, seed=1)
+    a.run(train_one, shard=(0, 2))
+    assert a.done() == [0, 2, 4] and a.missing() == [1, 3] and a.missing((0, 2)) == []
+    with pytest.raises(M.MissingModelsError, match="2 of 5 subset models missing.*1, 3") as e:
+        a.merged()
+    assert e.value.missing == [1, 3]
+    b = M.SubsetEstimation(tmp_path / "b", n=20, k=5, seed=1)
+    b.run(train_many=lambda ks, masks: [train_one(k, m) for k, m in zip(ks, masks)],
+          group=2, shard=(1, 2))
+    for k in b.done():  # the other machine's records, copied over
+        (tmp_path / "a" / b.path(k).name).write_bytes(b.path(k).read_bytes())
+    merged = a.merged()
+    for key in ("train_clean", "masks"):
+        np.testing.assert_array_equal(merged[key], whole[key])
+
+
+def _copy_models(src_root, dst_root):
+    import shutil
+    for f in src_root.glob("bat/subsets-*/models/model_*.npz"):
+        dst = dst_root / f.relative_to(src_root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+
+
+def test_two_shards_merged_equal_one_unsharded_run(tmp_path, monkeypatch, capsys, cifar100):
+    """BAT's subset models trained as shards 0/2 and 1/2 on two "machines" (two results
+    folders), copied together and merged, give exactly the estimate that one unsharded
+    estimation (the chapter's own code path) gives with the same K and seeds."""
+    import torch
+    from repro import cli, results
+    from repro.experiments import bat, common
+    p = ["-p", "contrast", "none", "-p", "mem_k", "4"]
+    for i in (0, 1):
+        monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / f"machine{i}"))
+        assert cli.main(["memorization", "train", "--quiet", "--shard", f"{i}/2", *p]) == 0
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "merged"))
+    _copy_models(tmp_path / "machine0", tmp_path / "merged")
+    capsys.readouterr()
+    assert cli.main(["memorization", "merge", "--quiet", *p]) == 1, "shard 1's models missing"
+    assert "missing [1, 3]" in capsys.readouterr().out
+    _copy_models(tmp_path / "machine1", tmp_path / "merged")
+    assert cli.main(["memorization", "merge", "--quiet", *p]) == 0
+    assert "4/4 subset models recorded" in capsys.readouterr().out
+
+    cfg = bat.SPEC.resolve("smoke", contrast="none", mem_k=4)
+    ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                             n_val=cfg["n_val"])
+    merged = bat.memorization_run(cfg, ds, torch.device("cpu"), train_missing=False)
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "whole"))
+    whole = bat.memorization_run(cfg, ds, torch.device("cpu"))
+    assert merged.path.name == whole.path.name and merged.path != whole.path
+    a, b = merged.arrays(), whole.arrays()
+    assert set(a) == set(b) and "mem" in a and "test_max_infl" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert merged.metrics()["estimate"] == whole.metrics()["estimate"]
+    assert (results.results_root() / "bat").exists()
+
+
+def _bn_cnn(ds, seed):
+    import torch
+    from repro import models
+    torch.manual_seed(seed)
+    return models.build("small_cnn", ds.num_classes, mean_std=ds.mean_std, width=4, in_size=32,
+                        norm="bn")
+
+
+def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100):
+    """Three BN subset models (BAT's subset architecture) trained at once as one vmapped
+    ensemble end where three separate runs of the trainer end (own subsets, seeds, batch
+    orders, crops), to float tolerance: the batched convolutions round differently (about
+    1e-6 relative per gradient), which a few SGD steps amplify but not beyond 1e-4."""
+    import dataclasses
+    import torch
+    from repro import data, ensemble, evaluate, objectives, train
+    ds = cifar100.limit(n_train=300, n_val=10, n_test=300)
+    masks = M.subset_masks(300, 3, 0.7, seed=0)
+    cfg = train.TrainConfig(epochs=1, batch_size=50, lr=0.05, augment=True, val_every=0,
+                            val_size=0)
+    seeds = [100, 101, 102]
+    subsets = [np.flatnonzero(m) for m in masks]
+    ens = ensemble.train_ensemble([_bn_cnn(ds, s) for s in seeds], ds.x_train, ds.y_train,
+                                  subsets, seeds, cfg, device="cpu", folder=tmp_path / "ens")
+    got = ensemble.correct(ens, ds.x_test, ds.y_test, device="cpu")
+    assert got.shape == (3, 300)
+    for k, (trained, seed) in enumerate(zip(ens.unstack(), seeds)):
+        alone = _bn_cnn(ds, seed)
+        idx = torch.as_tensor(subsets[k])
+        sub = data.Dataset(ds.name, ds.classes, ds.x_train[idx], ds.y_train[idx], ds.x_val,
+                           ds.y_val, ds.x_test, ds.y_test, source=ds.source)
+        train.train(alone, objectives.standard(), sub, dataclasses.replace(cfg, seed=seed),
+                    tmp_path / f"alone{k}", device="cpu", progress=False)
+        start = _bn_cnn(ds, seed).state_dict()
+        assert (alone.state_dict()["conv1.weight"] - start["conv1.weight"]).abs().max() > 2e-3
+        for name, want in alone.state_dict().items():
+            have = trained.state_dict()[name]
+            if want.is_floating_point():
+                torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-4, msg=name)
+            else:
+                assert torch.equal(have, want), name
+        right = (evaluate.predict(alone, ds.x_test) == ds.y_test).numpy()
+        assert (got[k] == right).mean() >= 0.99
+    # another seed (another batch order, crops and init) is far outside that tolerance
+    other = ensemble.train_ensemble([_bn_cnn(ds, 100)], ds.x_train, ds.y_train, subsets[:1],
+                                    [7], cfg, device="cpu").unstack()[0]
+    w = ens.unstack()[0].state_dict()["conv1.weight"]
+    assert (other.state_dict()["conv1.weight"] - w).abs().max() > 2e-3
+    # the epoch-end checkpoint: a second call resumes after the last epoch (trains nothing)
+    again = ensemble.train_ensemble([_bn_cnn(ds, s) for s in seeds], ds.x_train, ds.y_train,
+                                    subsets, seeds, cfg, device="cpu", folder=tmp_path / "ens")
+    for a, b in zip(again.params.values(), ens.params.values()):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_bat_subset_models_use_the_ensemble_when_asked(tmp_path, monkeypatch, cifar100):
+    """REPRO_ENSEMBLE=2 routes BAT's subset models through the batched ensemble (as CUDA
+    does by default): the same recorded arrays, up to a few borderline predictions."""
+    import torch
+    from repro.experiments import bat, common
+    # CIFAR-10, 4 epochs: models that learn (about 30% on their training set), so agreeing
+    # predictions mean the same models, not models stuck at one class
+    cfg = bat.SPEC.resolve("smoke", contrast="none", mem_k=3, dataset="cifar10", mem_epochs=4,
+                           mem_width=8)
+    ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                             n_val=cfg["n_val"])
+    cpu = torch.device("cpu")
+    out = {}
+    for group in ("1", "2"):
+        monkeypatch.setenv("REPRO_ENSEMBLE", group)
+        monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / group))
+        args = bat._subset_trainer(cfg, ds, cpu, tmp_path / group)
+        assert ("train_many" in args) == (group == "2")
+        out[group] = bat.subset_models(cfg, ds, cpu).arrays()
+    assert out["1"]["train_clean"].shape == out["2"]["train_clean"].shape == (3, len(ds.y_train))
+    for key in ("train_clean", "test_clean"):
+        a, b = out["1"][key], out["2"][key]
+        assert (a == b).mean() > 0.98, key
+        assert a.mean() > 0.15 and (a[0] == a[1]).mean() < 0.9, "the models learnt and differ"
+    np.testing.assert_array_equal(out["1"]["masks"], out["2"]["masks"])
+    assert not list((tmp_path / "2").glob("bat/subsets-*/models/ensemble_*")), "cleaned up"
+
+
+def test_bench_ensemble_runs(capsys):
+    from repro import cli
+    assert cli.main(["bench", "ensemble", "--device", "cpu", "--models", "1", "2",
+                     "--batch-size", "8", "--steps", "2", "--width", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble M=  2:" in out and "trainer, one model:" in out

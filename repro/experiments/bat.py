@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repro import attacks, claims, data, evaluate, memorization, objectives, results, train
+from repro import (attacks, claims, data, distributed, ensemble, evaluate, memorization,
+                   objectives, results, train)
 from repro.experiments import common
 from repro.params import Param, Spec
 from repro.train import TrainConfig
@@ -265,35 +266,100 @@ def _mem_objective(cfg):
                              steps=cfg["train_steps"])
 
 
-def subset_models(cfg, ds, device, progress=False) -> results.Run:
-    """The K subset models' correctness arrays (cached; resumable per model)."""
+def _subset_estimation(cfg, ds, run_path: Path) -> memorization.SubsetEstimation:
+    return memorization.SubsetEstimation(run_path / "models", len(ds.y_train), cfg["mem_k"],
+                                         cfg["mem_fraction"], cfg["seed"])
+
+
+def _subset_trainer(cfg, ds, device, run_path: Path, progress=False) -> dict:
+    """The arguments of ``SubsetEstimation.run`` that train subset models: ``train_one(k,
+    mask)`` trains model k (its own seed, subset and batch order) with the repro trainer
+    (resumable from its checkpoint) and returns its correctness on every training and test
+    example; where ``ensemble.default_group(device)`` > 1 (CUDA; ``$REPRO_ENSEMBLE``) and the
+    method is standard, ``train_many`` trains that many models at once as a batched ensemble
+    (resumable at its epoch ends)."""
+    tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
+                                          n_val=0, seed=cfg["seed"]),
+                               augment=cfg["mem_augment"], batch_size=cfg["mem_batch_size"])
+    adv = cfg["mem_method"] == "pgd_at"
+
+    def train_one(k, mask):
+        model = _model_fn(cfg["mem_arch"], cfg["mem_width"], ds, cfg["seed"] + 1000 + k)()
+        folder = run_path / "models" / f"train_{k:04d}"
+        tc = dataclasses.replace(tcfg, seed=cfg["seed"] + 1000 + k)
+        train.train(model, _mem_objective(cfg), _subset(ds, np.flatnonzero(mask)), tc,
+                    folder, device=device, progress=progress)
+        model.eval()
+        out = {"train_clean": _correct(model, ds.x_train, ds.y_train, device),
+               "test_clean": _correct(model, ds.x_test, ds.y_test, device)}
+        if adv:
+            out["train_adv"] = _correct(model, ds.x_train, ds.y_train, device, _pgd(cfg, device))
+            out["test_adv"] = _correct(model, ds.x_test, ds.y_test, device, _pgd(cfg, device))
+        shutil.rmtree(folder, ignore_errors=True)  # weights are not needed any more
+        return out
+
+    group = ensemble.default_group(device)
+    if group <= 1 or adv:  # one at a time with the trainer (the published CPU runs)
+        return {"train_one": train_one}
+
+    def train_many(ks, masks):
+        # a batched ensemble (repro.ensemble): the same models as train_one's to float
+        # tolerance, trained together; standard objective only
+        seeds = [cfg["seed"] + 1000 + k for k in ks]
+        models = [_model_fn(cfg["mem_arch"], cfg["mem_width"], ds, s)() for s in seeds]
+        folder = run_path / "models" / f"ensemble_{ks[0]:04d}_{ks[-1]:04d}"
+        ens = ensemble.train_ensemble(models, ds.x_train, ds.y_train,
+                                      [np.flatnonzero(m) for m in masks], seeds, tcfg,
+                                      device=device, folder=folder,
+                                      progress=print if progress else None)
+        tr = ensemble.correct(ens, ds.x_train, ds.y_train, device=device)
+        te = ensemble.correct(ens, ds.x_test, ds.y_test, device=device)
+        shutil.rmtree(folder, ignore_errors=True)
+        return [{"train_clean": tr[i], "test_clean": te[i]} for i in range(len(ks))]
+
+    return {"train_many": train_many, "group": group}
+
+
+def subset_folder(cfg, ds) -> results.Run:
+    """The ``subsets-<data>`` run folder of this config (finished or not); its ``models/``
+    holds one ``model_<k>.npz`` per recorded subset model."""
+    return results.find_run(CHAPTER, f"subsets-{ds.name}", _mem_config(cfg, ds.name))
+
+
+def subset_status(cfg, ds) -> dict:
+    """Which of the K subset models are recorded (in the local results folder)."""
+    run = subset_folder(cfg, ds)
+    est = _subset_estimation(cfg, ds, run.path)
+    missing = [] if run.done else est.missing()
+    return {"dataset": ds.name, "folder": str(run.path), "k": cfg["mem_k"],
+            "done": cfg["mem_k"] - len(missing), "missing": missing, "merged": run.done}
+
+
+def train_subset_shard(cfg, ds, device, shard: tuple[int, int], progress=False) -> dict:
+    """Train and record shard (i, N) of the K subset models (every N-th model from i) into
+    the ``subsets-<data>`` run folder, skipping recorded ones; the folder is not marked
+    finished (``subset_models(..., train_missing=False)`` does that once all K exist)."""
+    run = subset_folder(cfg, ds)
+    if not run.done:
+        run.prepare()
+        est = _subset_estimation(cfg, ds, run.path)
+        est.run(**_subset_trainer(cfg, ds, device, run.path, progress), shard=shard,
+                log=print if progress else None)
+    return subset_status(cfg, ds)
+
+
+def subset_models(cfg, ds, device, progress=False, *, train_missing: bool = True) -> results.Run:
+    """The K subset models' correctness arrays (cached; resumable per model). With
+    ``train_missing=False`` nothing is trained: the models recorded by the shards are
+    merged, or ``memorization.MissingModelsError`` names the missing ones."""
     conf = _mem_config(cfg, ds.name)
 
     def compute(run: results.Run):
-        est = memorization.SubsetEstimation(run.path / "models", len(ds.y_train), cfg["mem_k"],
-                                            cfg["mem_fraction"], cfg["seed"])
-        tcfg = dataclasses.replace(_train_cfg(cfg, epochs=cfg["mem_epochs"], adversarial=False,
-                                              n_val=0, seed=cfg["seed"]),
-                                   augment=cfg["mem_augment"],
-                                   batch_size=cfg["mem_batch_size"])
-        adv = cfg["mem_method"] == "pgd_at"
-
-        def train_one(k, mask):
-            model = _model_fn(cfg["mem_arch"], cfg["mem_width"], ds, cfg["seed"] + 1000 + k)()
-            folder = run.path / "models" / f"train_{k:04d}"
-            tc = dataclasses.replace(tcfg, seed=cfg["seed"] + 1000 + k)
-            train.train(model, _mem_objective(cfg), _subset(ds, np.flatnonzero(mask)), tc,
-                        folder, device=device, progress=progress)
-            model.eval()
-            out = {"train_clean": _correct(model, ds.x_train, ds.y_train, device),
-                   "test_clean": _correct(model, ds.x_test, ds.y_test, device)}
-            if adv:
-                out["train_adv"] = _correct(model, ds.x_train, ds.y_train, device, _pgd(cfg, device))
-                out["test_adv"] = _correct(model, ds.x_test, ds.y_test, device, _pgd(cfg, device))
-            shutil.rmtree(folder, ignore_errors=True)  # weights are not needed any more
-            return out
-
-        stacked = est.run(train_one, log=print if progress else None)
+        est = _subset_estimation(cfg, ds, run.path)
+        if train_missing:
+            est.run(**_subset_trainer(cfg, ds, device, run.path, progress),
+                    log=print if progress else None)
+        stacked = est.merged()
         return {"k": int(len(stacked["masks"])), "n_train": len(ds.y_train),
                 "n_test": len(ds.y_test)}, {k: v for k, v in stacked.items()}
 
@@ -351,7 +417,8 @@ def _neighbors(f_te, y_te, f_tr, y_tr, k, chunk=1000) -> np.ndarray:
     return out
 
 
-def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> results.Run:
+def memorization_run(cfg, ds, device, progress=False, with_proxy=True, *,
+                     train_missing: bool = True) -> results.Run:
     """Estimate + SE + splits + proxy correlation (cached; reads the subset models).
 
     A finished (local or published) estimate is returned without touching the subset
@@ -360,10 +427,11 @@ def memorization_run(cfg, ds, device, progress=False, with_proxy=True) -> result
             "n_neighbors": cfg["n_neighbors"], "proxy": with_proxy}
     name = f"memorization-{ds.name}"
     found = results.find_run(CHAPTER, name, conf)
-    if found.done:
+    if distributed.agree(found.done):
+        found = results.find_run(CHAPTER, name, conf)
         print(f"[cache] {CHAPTER}/{name}: reusing {found.path}")
         return found
-    subs = subset_models(cfg, ds, device, progress)
+    subs = subset_models(cfg, ds, device, progress, train_missing=train_missing)
     prox = proxy_run(cfg, ds, device, progress) if with_proxy else None
 
     def compute(run: results.Run):
