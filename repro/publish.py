@@ -61,6 +61,30 @@ def copy_run(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def keep_other_runs(old_results: Path, new_results: Path) -> list[str]:
+    """Carry the finished runs of an earlier publication that this one does not use (another
+    preset's runs, runs ingested from a GPU campaign and not yet published) into the new
+    ``results/`` folder, so that republishing one preset never deletes computed results the
+    cache would otherwise recompute. A folder counts as a finished run only with its ``DONE``
+    file and a ``config.json`` whose key matches the folder name; anything else is dropped.
+    Returns the kept folder names (they are not part of this publication's ``files``)."""
+    kept = []
+    if not old_results.is_dir():
+        return kept
+    for folder in sorted(old_results.iterdir()):
+        if (new_results / folder.name).exists() or not (folder / "DONE").is_file():
+            continue
+        try:
+            key = results.config_key(json.loads((folder / "config.json").read_text()))
+        except (OSError, ValueError):
+            continue
+        if not folder.name.endswith(f"-{key}"):
+            continue
+        shutil.copytree(folder, new_results / folder.name)
+        kept.append(folder.name)
+    return kept
+
+
 def _relativise_outputs(nb_path: Path) -> None:
     """Published notebooks must not show this machine's absolute paths (cache log lines)."""
     text = nb_path.read_text()
@@ -150,6 +174,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
                           "repro_version": prov.get("repro_version")}
         files = {str(p.relative_to(stage)): p.stat().st_size
                  for p in sorted(stage.rglob("*")) if p.is_file()}
+        kept = keep_other_runs(dest / "results", stage / "results")
         if any(f.endswith(".pt") for f in files):
             raise PublishError("a checkpoint slipped into the publication")
         total = sum(files.values())
@@ -167,7 +192,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
             "compute_wall_time_s": round(sum(r["wall_time_s"] or 0 for r in runs.values()), 1),
             "publish_experiment_s": round(experiment_s, 1),
             "notebook_execution_s": round(notebook_s, 1),
-            "notebook": f"{chapter}.ipynb", "runs": runs,
+            "notebook": f"{chapter}.ipynb", "runs": runs, "kept_runs": kept,
             "summary": result.get("summary"), "files": files, "total_bytes": total,
         }
         results._write_json(stage / RECORD, record)

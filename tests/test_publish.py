@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from repro import claims, experiments, publish, scorecard
+from repro import claims, experiments, publish, results, scorecard
 
 ROOT = experiments.PROJECT_ROOT
 
@@ -93,8 +93,22 @@ def test_publish_intro_at_smoke(tmp_path, data_root):
     judged = [r for r in rows if r["verdict"] != claims.NOT_YET_RUN]
     assert judged and all(r["run"]["preset"] == "smoke" for r in judged)
 
-    # Publishing again replaces the folder whole (no stale runs left behind).
+    # Publishing again replaces the folder: no stale folder is left behind, but a finished
+    # run this publication does not use (e.g. ingested from a GPU campaign) is kept.
     (base / "results" / "stale").mkdir()
-    publish.publish("intro", "smoke", {}, root=root, allow_smoke=True, progress=False)
+    other_config = {"chapter": "intro", "preset": "gpu", "note": "ingested"}
+    other = base / "results" / f"pgd_at-{results.config_key(other_config)}"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(other_config))
+    (other / "DONE").write_text("done")
+    wrong = base / "results" / "pgd_at-000000000000"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps(other_config))
+    (wrong / "DONE").write_text("done")
+    rec2 = publish.publish("intro", "smoke", {}, root=root, allow_smoke=True, progress=False)
     assert not (base / "results" / "stale").exists()
+    assert not (base / "results" / wrong.name).exists(), "a folder whose key mismatches is dropped"
+    assert (base / "results" / other.name / "DONE").is_file()
+    assert rec2["kept_runs"] == [other.name]
+    assert not any(other.name in f for f in rec2["files"])
     assert not list(root.glob(".intro.*"))
