@@ -13,8 +13,8 @@ What it guarantees:
   raises ``CheckpointError``.
 - Checkpoint selection on the *validation* split's PGD accuracy, never the test set.
 - Speed: the dataset moves to the accelerator once (indexing and augmentation happen there),
-  bf16 autocast where the hardware computes bf16 natively, channels_last where it is faster,
-  optional ``torch.compile``. ``resolve_precision`` says what ``"auto"`` picks and why; the
+  bf16 autocast where the hardware computes bf16 natively, channels_last on CUDA, optional
+  ``torch.compile``. ``resolve_precision`` says what ``"auto"`` picks and why; the
   resolved choice is recorded in ``result.json`` (``TrainResult.precision``) and in every
   checkpoint, and a run never resumes under a different resolved precision.
 - Validation (the PGD accuracy that selects ``best.pt``) always runs in fp32, also when
@@ -217,8 +217,14 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     ``amp="auto"`` picks bf16 autocast on CUDA with native bf16 (compute capability >= 8) and
     on a CPU with native bf16 (``cpu_native_bf16``), fp32 elsewhere (older GPUs, CPUs without
     bf16 instructions, Apple's MPS, whose bf16 support depends on the macOS version and was
-    not measured). ``channels_last="auto"`` is on for CUDA and for the CPU (measured faster
-    there: see book/how-to-run.md), off on MPS.
+    not measured). ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured
+    on a 2-core AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained at most ~1.3x on a
+    PreAct-ResNet-18 width 16 and nothing on the small MNIST CNN, and oneDNN's channels_last
+    1x1 strided convolution computes its weight gradient out of bounds when the convolution has
+    fewer input channels than its vector block (8 on AVX2, 16 on AVX-512): here a crash (heap
+    corruption) at 2, 4 and 6 input channels, i.e. PreAct-ResNet widths the smoke presets use;
+    the oneDNN report (issue #6035) also shows silently wrong gradients with several threads
+    (``_warn_onednn_1x1``). ``channels_last=True`` still forces it.
 
     The cache key of a run (``repro.results``) holds ``amp`` and ``channels_last`` *as
     written* ("auto"): a key names the recipe, not the hardware, exactly as the same key
@@ -247,9 +253,26 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
         raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {cfg.amp!r}")
     cl = cfg.channels_last
     if cl == "auto":
-        cl = device.type in ("cuda", "cpu")
+        cl = device.type == "cuda"
     return {"device": str(device), "amp": amp, "channels_last": bool(cl),
             "compile": bool(cfg.compile), "why": why}
+
+
+def _warn_onednn_1x1(model: nn.Module) -> None:
+    """Warn when a channels_last CPU run would hit oneDNN issue #6035: the weight gradient of a
+    1x1 convolution with stride > 1 and fewer than 16 input channels (an AVX2 or AVX-512 vector
+    block) is written out of bounds (crash, or silently wrong gradients with several threads).
+    """
+    bad = [name for name, m in model.named_modules()
+           if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+           and m.in_channels < 16 and m.weight.requires_grad]
+    if bad:
+        import warnings
+        warnings.warn(f"channels_last on the CPU with 1x1 strided convolutions of fewer than 16 "
+                      f"input channels ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                      f"oneDNN computes their weight gradients out of bounds (oneDNN issue "
+                      f"#6035; a crash or wrong gradients). Use channels_last=False or a wider "
+                      f"model.", RuntimeWarning, stacklevel=3)
 
 
 def autocast_context(cfg: TrainConfig, device):
@@ -430,6 +453,8 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     step_autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
                      if precision["amp"] == "bf16" else contextlib.nullcontext)
     if channels_last:
+        if device.type == "cpu":
+            _warn_onednn_1x1(model)
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels

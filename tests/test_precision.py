@@ -32,7 +32,7 @@ def test_cpu_native_bf16_matches_this_cpus_flags():
     assert train.cpu_native_bf16() == (has_native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     expected = "bf16" if train.cpu_native_bf16() else "fp32"
     rec = train.resolve_precision(TrainConfig(), "cpu")
-    assert rec["amp"] == expected and rec["device"] == "cpu" and rec["channels_last"] is True
+    assert rec["amp"] == expected and rec["device"] == "cpu" and rec["channels_last"] is False
 
 
 def test_cpu_native_bf16_needs_the_instructions(monkeypatch):
@@ -51,12 +51,25 @@ def test_resolve_precision_choices(monkeypatch):
     auto = train.resolve_precision(TrainConfig(), "cpu")
     assert auto["amp"] == "fp32" and "without native bf16" in auto["why"]
     assert train.resolve_precision(TrainConfig(amp="bf16"), "cpu")["amp"] == "bf16"
-    assert train.resolve_precision(TrainConfig(channels_last=False), "cpu")["channels_last"] is False
+    assert train.resolve_precision(TrainConfig(channels_last=True), "cpu")["channels_last"] is True
     mps = train.resolve_precision(TrainConfig(), "mps")
     assert mps["amp"] == "fp32" and mps["channels_last"] is False
     with pytest.raises(ValueError, match="amp must be"):
         train.resolve_precision(TrainConfig(amp="fp16"), "cpu")
     assert isinstance(train.autocast_context(TrainConfig(amp="bf16"), "cpu"), torch.autocast)
+
+
+def test_channels_last_cpu_warns_about_onednn_1x1_bug():
+    """oneDNN #6035: channels_last 1x1 strided convs with < 16 input channels get wrong weight
+    gradients (this machine crashed at width 4), so forcing channels_last there warns."""
+    narrow = models.build("preact_resnet18", 10, mean_std=((0.5,) * 3, (0.25,) * 3), width=4)
+    with pytest.warns(RuntimeWarning, match="oneDNN issue #6035"):
+        train._warn_onednn_1x1(narrow)
+    wide = models.build("preact_resnet18", 10, mean_std=((0.5,) * 3, (0.25,) * 3), width=16)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train._warn_onednn_1x1(wide)
 
 
 def test_auto_device_order(monkeypatch):
