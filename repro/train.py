@@ -217,9 +217,13 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     ``amp="auto"`` picks bf16 autocast on CUDA with native bf16 (compute capability >= 8) and
     on a CPU with native bf16 (``cpu_native_bf16``), fp32 elsewhere (older GPUs, CPUs without
     bf16 instructions, Apple's MPS, whose bf16 support depends on the macOS version and was
-    not measured). ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured
-    on a 2-core AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained at most ~1.3x on a
-    PreAct-ResNet-18 width 16 and nothing on the small MNIST CNN, and oneDNN's channels_last
+    not measured). The environment variable ``REPRO_AMP`` (``fp32`` or ``bf16``) overrides
+    what "auto" picks, e.g. ``REPRO_AMP=fp32`` to rerun a chapter exactly as its published
+    fp32 runs on a CPU that would pick bf16.
+
+    ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured on a 2-core
+    AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained at most ~1.3x on a PreAct-ResNet-18
+    width 16 and nothing on the small MNIST CNN, and oneDNN's channels_last
     1x1 strided convolution computes its weight gradient out of bounds when the convolution has
     fewer input channels than its vector block (8 on AVX2, 16 on AVX-512): here a crash (heap
     corruption) at 2, 4 and 6 input channels, i.e. PreAct-ResNet widths the smoke presets use;
@@ -239,6 +243,11 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     amp, why = cfg.amp, f"amp={cfg.amp!r} as configured"
     if amp in ("off", None, False):
         amp = "fp32"
+    forced = os.environ.get("REPRO_AMP", "").strip().lower()
+    if amp == "auto" and forced:
+        if forced not in ("bf16", "fp32"):
+            raise ValueError(f"REPRO_AMP must be 'bf16' or 'fp32', got {forced!r}")
+        amp, why = forced, f"auto: REPRO_AMP={forced}"
     if amp == "auto":
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -54,6 +54,15 @@ def test_resolve_precision_choices(monkeypatch):
     assert train.resolve_precision(TrainConfig(channels_last=True), "cpu")["channels_last"] is True
     mps = train.resolve_precision(TrainConfig(), "mps")
     assert mps["amp"] == "fp32" and mps["channels_last"] is False
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: True)
+    monkeypatch.setenv("REPRO_AMP", "fp32")  # the reader's way to force fp32 under "auto"
+    forced = train.resolve_precision(TrainConfig(), "cpu")
+    assert forced["amp"] == "fp32" and "REPRO_AMP" in forced["why"]
+    assert train.resolve_precision(TrainConfig(amp="bf16"), "cpu")["amp"] == "bf16"
+    monkeypatch.setenv("REPRO_AMP", "fp16")
+    with pytest.raises(ValueError, match="REPRO_AMP"):
+        train.resolve_precision(TrainConfig(), "cpu")
+    monkeypatch.delenv("REPRO_AMP")
     with pytest.raises(ValueError, match="amp must be"):
         train.resolve_precision(TrainConfig(amp="fp16"), "cpu")
     assert isinstance(train.autocast_context(TrainConfig(amp="bf16"), "cpu"), torch.autocast)
@@ -225,3 +234,14 @@ def test_published_runs_keep_their_cache_keys(tmp_path, monkeypatch):
         chapter = folder.parent.parent.name
         found = results.find_run(chapter, name, config)
         assert found.done and found.path.resolve() == folder.resolve(), folder
+
+
+def test_train_benchmark_reports_what_the_trainer_ran(cifar10):
+    """`bench train` times both paths on real CIFAR-10 batches and says which precision and
+    layout its repro path used (speed itself is judged from the printed figures, not here)."""
+    from repro.benchmarks import train as bench
+    r = bench.run("cpu", batch_size=8, steps=1, warmup=1, width=4, rounds=2, amp="fp32",
+                  channels_last=False)
+    assert r["repro_precision"] == {"amp": "fp32", "channels_last": False, "compile": False}
+    assert r["reference_img_s"] > 0 and r["repro_img_s"] > 0 and len(r["speedup_per_round"]) == 2
+    assert len(r["repro_warmup_s"]) == 2 and r["timed_steps"] == 2
