@@ -200,7 +200,7 @@ def cpu_native_bf16() -> bool:
     extension. Both also need ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` (oneDNN built
     with bf16 kernels for this CPU). Without native support, bf16 convolutions are emulated and
     far slower than fp32 (measured on an AVX2-only EPYC, torch 2.13: a PreAct-ResNet-18
-    width-16 forward + backward took ~15x longer under bf16 autocast than in fp32).
+    width-16 forward + backward took 13-20x longer under bf16 autocast than in fp32).
     """
     try:
         caps = torch.cpu.get_capabilities()

@@ -245,3 +245,4 @@ def test_train_benchmark_reports_what_the_trainer_ran(cifar10):
     assert r["repro_precision"] == {"amp": "fp32", "channels_last": False, "compile": False}
     assert r["reference_img_s"] > 0 and r["repro_img_s"] > 0 and len(r["speedup_per_round"]) == 2
     assert len(r["repro_warmup_s"]) == 2 and r["timed_steps"] == 2
+    assert r["speedup_cpu_time"] > 0 and r["repro_img_per_cpu_s"] > 0

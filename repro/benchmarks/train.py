@@ -14,7 +14,10 @@ trainer's precision and layout (``--amp`` / ``--channels-last``, default "auto":
 from the same initial weights with the same batch size, epsilon, step size and number of
 attack steps; only the steady state is timed (after ``--warmup`` steps; with ``--compile``
 the warm-up, which includes compiling, is timed separately). ``--rounds`` alternates the two
-paths, which spreads the load of a shared machine over both.
+paths, which spreads the load of a shared machine over both. On the CPU the benchmark also
+reports the ratio of *CPU time* per step (``time.process_time``, this process's threads; the
+reference's DataLoader must then run in-process, ``--ref-workers 0``): on a loaded machine
+the wall-clock ratio moves with the load of other processes, the CPU-time ratio much less.
 """
 from __future__ import annotations
 
@@ -42,22 +45,28 @@ class _Timed:
     """Wraps an objective and stamps the clock at every call (after the previous step ended)."""
 
     def __init__(self, objective, device):
-        self.objective, self.device, self.stamps = objective, device, []
+        self.objective, self.device, self.stamps = objective, device, []  # (wall, cpu) s
 
     def config(self):
         return self.objective.config()
 
     def __call__(self, model, batch, state):
         _sync(self.device)
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), time.process_time()))
         return self.objective(model, batch, state)
 
 
+def _durations(stamps, warmup, steps) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each timed step from (wall, cpu) stamps."""
+    d = np.diff(np.asarray(stamps[warmup:warmup + steps + 1]), axis=0)
+    return list(d[:, 0]), list(d[:, 1])
+
+
 def time_repro(model, dataset, batch_size, steps, warmup, device, compile=False, amp="auto",
-               channels_last="auto") -> tuple[list[float], float, dict]:
-    """Seconds of each of ``steps`` full trainer steps after ``warmup`` untimed ones, the
-    seconds from the start of ``train`` to the first timed step (warm-up, and compiling with
-    ``compile``), and the precision record of the run."""
+               channels_last="auto") -> tuple[tuple[list[float], list[float]], float, dict]:
+    """Wall and CPU seconds of each of ``steps`` full trainer steps after ``warmup`` untimed
+    ones, the wall seconds from the start of ``train`` to the first timed step (warm-up, and
+    compiling with ``compile``), and the precision record of the run."""
     timed = _Timed(objectives.pgd_at(EPS, ALPHA, ATTACK_STEPS), device)
     cfg = TrainConfig(steps=warmup + steps + 1, batch_size=batch_size, lr=0.1, momentum=0.9,
                       weight_decay=5e-4, schedule="constant", augment=True, val_every=0,
@@ -65,8 +74,7 @@ def time_repro(model, dataset, batch_size, steps, warmup, device, compile=False,
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(model, timed, dataset, cfg, run_dir, device=device, progress=False)
-    return (list(np.diff(timed.stamps[warmup:warmup + steps + 1])), timed.stamps[warmup] - start,
-            result.precision)
+    return _durations(timed.stamps, warmup, steps), timed.stamps[warmup][0] - start, result.precision
 
 
 class _PerImageCIFAR(torch.utils.data.Dataset):
@@ -105,8 +113,10 @@ def _reference_attack(model, X, y, eps, alpha, steps):
     return delta.detach()
 
 
-def time_reference(model, dataset, batch_size, steps, warmup, device, workers=0) -> list[float]:
-    """Seconds of each of ``steps`` steps of the research-style loop after ``warmup``."""
+def time_reference(model, dataset, batch_size, steps, warmup, device,
+                   workers=0) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of each of ``steps`` steps of the research-style loop after
+    ``warmup``."""
     loader = torch.utils.data.DataLoader(
         _PerImageCIFAR(dataset.x_train, dataset.y_train), batch_size=batch_size, shuffle=True,
         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda")
@@ -115,7 +125,7 @@ def time_reference(model, dataset, batch_size, steps, warmup, device, workers=0)
     stamps = []
     for i, (X, y) in enumerate(loader):
         _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
         if i == warmup + steps:
             break
         X, y = X.to(device), y.to(device)
@@ -124,7 +134,7 @@ def time_reference(model, dataset, batch_size, steps, warmup, device, workers=0)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return list(np.diff(stamps[warmup:warmup + steps + 1]))
+    return _durations(stamps, warmup, steps)
 
 
 def run(device=None, batch_size=128, steps=20, warmup=3, width=64, compile=False,
@@ -143,13 +153,15 @@ def run(device=None, batch_size=128, steps=20, warmup=3, width=64, compile=False
         m.load_state_dict(state)
         return m
 
-    ref_steps, our_steps, warmups, precision = [], [], [], None
+    ref_steps, our_steps, ref_cpu, our_cpu, warmups, precision = [], [], [], [], [], None
     for _ in range(rounds):
-        ref_steps += time_reference(fresh(), ds, batch_size, steps, warmup, device, ref_workers)
-        ours, warm_s, precision = time_repro(fresh(), ds, batch_size, steps, warmup, device,
-                                             compile, amp, channels_last)
-        our_steps += ours
+        wall, cpu = time_reference(fresh(), ds, batch_size, steps, warmup, device, ref_workers)
+        ref_steps, ref_cpu = ref_steps + wall, ref_cpu + cpu
+        (wall, cpu), warm_s, precision = time_repro(fresh(), ds, batch_size, steps, warmup,
+                                                    device, compile, amp, channels_last)
+        our_steps, our_cpu = our_steps + wall, our_cpu + cpu
         warmups.append(warm_s)
+    cpu_comparable = device.type == "cpu" and ref_workers == 0
     ref, ours = batch_size / np.median(ref_steps), batch_size / np.median(our_steps)
     per_round = [round(float(np.median(r) / np.median(o)), 3) for r, o in
                  zip(np.array_split(ref_steps, rounds), np.array_split(our_steps, rounds))]
@@ -161,7 +173,12 @@ def run(device=None, batch_size=128, steps=20, warmup=3, width=64, compile=False
             "reference_img_s": round(ref, 2), "repro_img_s": round(ours, 2),
             "speedup": round(ours / ref, 3), "speedup_per_round": per_round,
             "reference_mean_img_s": round(batch_size / np.mean(ref_steps), 2),
-            "repro_mean_img_s": round(batch_size / np.mean(our_steps), 2)}
+            "repro_mean_img_s": round(batch_size / np.mean(our_steps), 2),
+            # per CPU-second of this process (None where not comparable: CUDA, or workers)
+            "reference_img_per_cpu_s": round(batch_size / np.median(ref_cpu), 2) if cpu_comparable else None,
+            "repro_img_per_cpu_s": round(batch_size / np.median(our_cpu), 2) if cpu_comparable else None,
+            "speedup_cpu_time": round(float(np.median(ref_cpu) / np.median(our_cpu)), 3)
+            if cpu_comparable else None}
 
 
 def main(argv=None) -> int:
@@ -204,6 +221,10 @@ def main(argv=None) -> int:
         print(f"  speed-up       : {r['speedup']:10.2f}x"
               + (f" (per round: {', '.join(f'{s:.2f}' for s in r['speedup_per_round'])})"
                  if len(r["speedup_per_round"]) > 1 else ""))
+        if r["speedup_cpu_time"] is not None:
+            print(f"  in CPU time    : {r['speedup_cpu_time']:10.2f}x (reference "
+                  f"{r['reference_img_per_cpu_s']:.1f}, repro {r['repro_img_per_cpu_s']:.1f} "
+                  f"images per CPU-second; steadier than wall time on a loaded machine)")
     return 0
 
 
