@@ -222,8 +222,9 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     fp32 runs on a CPU that would pick bf16.
 
     ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured on a 2-core
-    AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained at most ~1.3x on a PreAct-ResNet-18
-    width 16 and nothing on the small MNIST CNN, and oneDNN's channels_last
+    AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained 5-15% on a PGD-10 training step of
+    PreAct-ResNet-18 width 16 (``bench train``) and nothing on the small MNIST CNN, and
+    oneDNN's channels_last
     1x1 strided convolution computes its weight gradient out of bounds when the convolution has
     fewer input channels than its vector block (8 on AVX2, 16 on AVX-512): here a crash (heap
     corruption) at 2, 4 and 6 input channels, i.e. PreAct-ResNet widths the smoke presets use;
