@@ -6,12 +6,19 @@ Bounded attacks: ``pgd`` (L-inf / L2, random start, restarts, loss choice, targe
 
 Every attack refuses images outside [0, 1] (``check_images``: a ``ValueError`` naming the
 range it got), runs the model in eval mode with its parameters frozen and restores both
-afterwards (``eval_mode``), computes losses in float32 (so it works under a bf16 autocast
-opened by the caller), and returns images inside the threat model and [0, 1] exactly: the
-last operation on every returned tensor is the projection/clamp.
+afterwards (``eval_mode``), computes losses in float32, and returns images inside the threat
+model and [0, 1] exactly: the last operation on every returned tensor is the projection/clamp.
+
+Precision: ``pgd`` and ``fgsm`` are also the *training* attacks, so they run the model under
+whatever autocast the caller opened (the trainer's bf16 step makes them bf16 attacks, which
+is fine for training). The evaluation-only attacks ``cw_l2`` and ``deepfool_l2`` always run
+the model in fp32 (``float32``), and every entry point of ``repro.evaluate`` does the same
+for the attacks it is given: an attack computed in bf16 can be weaker and overstate
+robustness, so reported robustness never inherits a caller's bf16 by accident.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from typing import Callable, Union
@@ -44,6 +51,39 @@ def eval_mode(model: torch.nn.Module):
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _autocast_kinds() -> list[str]:
+    kinds = ["cpu"]
+    if torch.cuda.is_available():
+        kinds.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        kinds.append("mps")
+    return kinds
+
+
+@contextmanager
+def float32(device=None):
+    """Switch off any autocast a caller opened, so float32 inputs and weights compute in
+    float32 inside (``torch.autocast(kind, enabled=False)``).
+
+    ``device``: the device (``torch.device``, string, tensor or module) whose autocast to
+    switch off, together with the CPU's; ``None``: every device type this machine has.
+    Usable as a decorator too: ``@float32()``.
+    """
+    if device is None:
+        kinds = _autocast_kinds()
+    else:
+        if isinstance(device, torch.nn.Module):
+            device = next((t.device for t in device.parameters()), torch.device("cpu"))
+        elif isinstance(device, torch.Tensor):
+            device = device.device
+        kinds = sorted({torch.device(device).type, "cpu"})
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -128,7 +168,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     elif norm == "l2":
         delta = x_adv - x
-        n = _flat_norm(delta.double())  # float64 norm: the shrink factor must not round up
+        # float64 norm: the shrink factor must not round up (MPS has no float64: float32)
+        n = _flat_norm(delta.to(torch.float32 if delta.device.type == "mps" else torch.float64))
         delta = delta * (eps / n.clamp_min(1e-30)).clamp(max=1.0).to(delta.dtype)
         x_adv = x + delta
     else:
@@ -258,7 +299,7 @@ def cw_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
     best_adv = x.clone()
     # atanh of the image, shrunk slightly so pixels at exactly 0 or 1 stay finite
     w0 = torch.atanh((x.float() * 2 - 1) * (1 - 1e-6))
-    with eval_mode(model):
+    with eval_mode(model), float32(dev):
         for _ in range(binary_search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
@@ -295,7 +336,7 @@ def deepfool_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     check_images(x, "attacks.deepfool_l2")
     x, y = x.detach(), y.detach()
     shape1 = (-1,) + (1,) * (x.dim() - 1)
-    with eval_mode(model):
+    with eval_mode(model), float32(x.device):
         with torch.no_grad():
             logits0 = model(x).float()
         k = min(candidates, logits0.shape[1])

@@ -4,6 +4,12 @@ Results keep per-example correctness (numpy bool arrays) rather than only percen
 accuracy is the per-example worst case over attacks, and later chapters (BAT's atypical
 samples) need to know *which* examples survived. Every AutoAttack result says which version
 (and any deviation from it) produced it.
+
+Every entry point here computes in fp32, also when called inside a bf16 autocast (for
+instance from a training loop's validation): ``predict``, ``robust_eval`` (with the attacks
+it is given), ``autoattack``, ``zero_gradient_fraction`` and ``sanity_report`` switch off
+any autocast around their work (``repro.attacks.float32``). A bf16 attack can be weaker and
+overstate robustness; training attacks may use bf16, reported numbers do not.
 """
 from __future__ import annotations
 
@@ -119,6 +125,7 @@ def _describe(attack) -> str:
     return f"{getattr(attack, '__module__', '')}.{name}".lstrip(".")
 
 
+@A.float32()
 def predict(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device=None) -> torch.Tensor:
     """Eval-mode argmax predictions (on the CPU) for uint8 or float images in [0, 1]
@@ -132,6 +139,7 @@ def predict(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 512,
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+@A.float32()
 def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 attacks: Mapping[str, Attack] | Sequence[Attack], *, batch_size: int = 256,
                 device=None, progress: bool = True,
@@ -187,6 +195,7 @@ class _Capture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@A.float32()
 def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                norm: str = "Linf", version: str = "standard", batch_size: int = 500,
                device=None, seed: int = 0, n_iter: int | None = None,
@@ -321,6 +330,7 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
+@A.float32()
 def zero_gradient_fraction(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                            batch_size: int = 256, device=None) -> float:
     """Fraction of examples whose cross-entropy input-gradient is exactly zero (uint8 or
@@ -338,6 +348,7 @@ def zero_gradient_fraction(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return zero / max(1, len(y))
 
 
+@A.float32()
 def sanity_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                   norm: str = "Linf", steps: int = 10, loss: str = "ce",
                   large_eps: float | None = None, aa_version: str = "fast",

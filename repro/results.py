@@ -55,10 +55,12 @@ def git_commit() -> str | None:
 
 def device_name(device=None) -> str:
     import torch
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    from repro.train import resolve_device
+    dev = resolve_device(device)
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
+    if dev.type == "mps":
+        return f"mps: Apple GPU ({platform.machine()})"
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 

@@ -12,8 +12,13 @@ What it guarantees:
   weight is touched (the last good checkpoint stays); an unreadable or mismatched checkpoint
   raises ``CheckpointError``.
 - Checkpoint selection on the *validation* split's PGD accuracy, never the test set.
-- Speed on CUDA: the dataset moves to the GPU once (indexing and augmentation happen there),
-  bf16 autocast, channels_last, optional ``torch.compile``. On CPU: plain fp32.
+- Speed: the dataset moves to the accelerator once (indexing and augmentation happen there),
+  bf16 autocast where the hardware computes bf16 natively, channels_last on CUDA, optional
+  ``torch.compile``. ``resolve_precision`` says what ``"auto"`` picks and why; the
+  resolved choice is recorded in ``result.json`` (``TrainResult.precision``) and in every
+  checkpoint, and a run never resumes under a different resolved precision.
+- Validation (the PGD accuracy that selects ``best.pt``) always runs in fp32, also when
+  training uses bf16: the attack that picks checkpoints must not be weakened by rounding.
 
 Files in ``run_dir``: ``checkpoint.pt`` (while running), ``metrics.jsonl`` (one record per
 epoch), ``best.pt`` / ``final.pt`` (model weights), ``result.json`` (written last).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,8 +79,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True                 # random crop (pad 4) + flip; off for MNIST
     checkpoint_every: int = 0            # steps; 0: only at epoch ends
-    amp: str = "auto"                    # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    channels_last: Any = "auto"          # "auto" (on CUDA) | True | False
+    amp: str = "auto"                    # "auto" | "bf16" | "fp32": see resolve_precision
+    channels_last: Any = "auto"          # "auto" | True | False: see resolve_precision
     compile: bool = False
     val_every: int = 1                   # epochs; 0: no validation
     val_size: int = 500                  # first n validation images
@@ -105,6 +111,9 @@ class TrainResult:
     seconds: float                       # training wall time, summed over resumed pieces
     resumed_from: int | None = None      # the step this call resumed at, if it did
     cached: bool = False                 # True when run_dir was already finished
+    # what ran: {"device", "amp", "channels_last", "compile", "why"} (resolve_precision);
+    # None in result.json files written before it was recorded (see resolve_precision)
+    precision: dict | None = None
 
     @property
     def final(self) -> dict:
@@ -120,8 +129,14 @@ class TrainResult:
 # ----------------------------------------------------------------------------- pieces
 
 def resolve_device(device=None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``None`` or ``"auto"``: CUDA if available, else Apple's MPS, else the CPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -179,19 +194,108 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -
                      f"or constant")
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device):
-    amp = cfg.amp
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively *and* this torch build's oneDNN uses it.
+
+    x86: AVX512_BF16 or AMX_BF16 (``torch.cpu.get_capabilities()``); arm64: the BF16
+    extension. Both also need ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` (oneDNN built
+    with bf16 kernels for this CPU). Without native support, bf16 convolutions are emulated and
+    far slower than fp32 (measured on an AVX2-only EPYC, torch 2.13: a PreAct-ResNet-18
+    width-16 forward + backward took 13-20x longer under bf16 autocast than in fp32).
+    """
+    try:
+        caps = torch.cpu.get_capabilities()
+        has_bf16_kernels = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a torch without these queries: assume not
+        return False
+    native = any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    return bool(native and has_bf16_kernels)
+
+
+def resolve_precision(cfg: TrainConfig, device) -> dict:
+    """What ``cfg.amp`` / ``cfg.channels_last`` / ``cfg.compile`` mean on ``device``.
+
+    ``amp="auto"`` picks bf16 autocast on CUDA with native bf16 (compute capability >= 8) and
+    on a CPU with native bf16 (``cpu_native_bf16``), fp32 elsewhere (older GPUs, CPUs without
+    bf16 instructions, Apple's MPS, whose bf16 support depends on the macOS version and was
+    not measured). The environment variable ``REPRO_AMP`` (``fp32`` or ``bf16``) overrides
+    what "auto" picks, e.g. ``REPRO_AMP=fp32`` to rerun a chapter exactly as its published
+    fp32 runs on a CPU that would pick bf16.
+
+    ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured on a 2-core
+    AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained 5-15% on a PGD-10 training step of
+    PreAct-ResNet-18 width 16 (``bench train``) and nothing on the small MNIST CNN, and
+    oneDNN's channels_last
+    1x1 strided convolution computes its weight gradient out of bounds when the convolution has
+    fewer input channels than its vector block (8 on AVX2, 16 on AVX-512): here a crash (heap
+    corruption) at 2, 4 and 6 input channels, i.e. PreAct-ResNet widths the smoke presets use;
+    the oneDNN report (issue #6035) also shows silently wrong gradients with several threads
+    (``_warn_onednn_1x1``). ``channels_last=True`` still forces it.
+
+    The cache key of a run (``repro.results``) holds ``amp`` and ``channels_last`` *as
+    written* ("auto"): a key names the recipe, not the hardware, exactly as the same key
+    computed on a GPU renders on a CPU. What actually ran is this function's record, stored
+    in ``result.json`` (``TrainResult.precision``) and in every checkpoint. Runs whose
+    ``result.json`` has no ``precision`` predate this record; their "auto" meant fp32 NCHW on
+    CPU and bf16 channels_last on CUDA (the device is in the run's provenance).
+
+    Returns ``{"device", "amp": "bf16"|"fp32", "channels_last": bool, "compile": bool, "why"}``.
+    """
+    device = torch.device(device)
+    amp, why = cfg.amp, f"amp={cfg.amp!r} as configured"
+    if amp in ("off", None, False):
+        amp = "fp32"
+    forced = os.environ.get("REPRO_AMP", "").strip().lower()
+    if amp == "auto" and forced:
+        if forced not in ("bf16", "fp32"):
+            raise ValueError(f"REPRO_AMP must be 'bf16' or 'fp32', got {forced!r}")
+        amp, why = forced, f"auto: REPRO_AMP={forced}"
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
-    if amp == "bf16":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            amp, why = ("bf16", "auto: CUDA with native bf16") if native else \
+                ("fp32", "auto: CUDA without native bf16")
+        elif device.type == "cpu":
+            amp, why = ("bf16", "auto: CPU with native bf16 (cpu_native_bf16)") if cpu_native_bf16() \
+                else ("fp32", "auto: CPU without native bf16 instructions")
+        else:
+            amp, why = "fp32", f"auto: fp32 on {device.type}"
+    if amp not in ("bf16", "fp32"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {cfg.amp!r}")
+    cl = cfg.channels_last
+    if cl == "auto":
+        cl = device.type == "cuda"
+    return {"device": str(device), "amp": amp, "channels_last": bool(cl),
+            "compile": bool(cfg.compile), "why": why}
+
+
+def _warn_onednn_1x1(model: nn.Module) -> None:
+    """Warn when a channels_last CPU run would hit oneDNN issue #6035: the weight gradient of a
+    1x1 convolution with stride > 1 and fewer than 16 input channels (an AVX2 or AVX-512 vector
+    block) is written out of bounds (crash, or silently wrong gradients with several threads).
+    """
+    bad = [name for name, m in model.named_modules()
+           if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+           and m.in_channels < 16 and m.weight.requires_grad]
+    if bad:
+        import warnings
+        warnings.warn(f"channels_last on the CPU with 1x1 strided convolutions of fewer than 16 "
+                      f"input channels ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                      f"oneDNN computes their weight gradients out of bounds (oneDNN issue "
+                      f"#6035; a crash or wrong gradients). Use channels_last=False or a wider "
+                      f"model.", RuntimeWarning, stacklevel=3)
+
+
+def autocast_context(cfg: TrainConfig, device):
+    """The autocast of a training step: bf16 or none, as ``resolve_precision`` decides."""
+    device = torch.device(device)
+    if resolve_precision(cfg, device)["amp"] == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp in ("fp32", "off", None, False):
-        return contextlib.nullcontext()
-    raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {cfg.amp!r}")
+    return contextlib.nullcontext()
 
 
-def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    return device.type == "cuda" if cfg.channels_last == "auto" else bool(cfg.channels_last)
+def use_channels_last(cfg: TrainConfig, device) -> bool:
+    return resolve_precision(cfg, device)["channels_last"]
 
 
 @torch.no_grad()
@@ -202,7 +306,8 @@ def _clean_correct(model, x, y):
 def validate_robust(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
                     cfg: TrainConfig, device: torch.device) -> dict:
     """Clean and PGD accuracy on the first ``cfg.val_size`` validation images. The attack
-    draws from its own fixed generator, so validation never disturbs training randomness."""
+    draws from its own fixed generator, so validation never disturbs training randomness.
+    Computed in fp32 even inside a caller's bf16 autocast (``attacks.float32``)."""
     from repro import attacks
     n = min(cfg.val_size, len(y_val))
     if n == 0:
@@ -215,10 +320,11 @@ def validate_robust(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
     for xb, yb in data_lib.eval_batches(x_val[:n], y_val[:n], cfg.val_batch_size, device=device):
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        clean += _clean_correct(model, xb, yb)
-        x_adv = attacks.pgd(model, xb, yb, eps=cfg.val_eps, alpha=cfg.val_alpha,
-                            steps=cfg.val_steps, norm=cfg.val_norm, generator=gen)
-        robust += _clean_correct(model, x_adv, yb)
+        with attacks.float32(device):
+            clean += _clean_correct(model, xb, yb)
+            x_adv = attacks.pgd(model, xb, yb, eps=cfg.val_eps, alpha=cfg.val_alpha,
+                                steps=cfg.val_steps, norm=cfg.val_norm, generator=gen)
+            robust += _clean_correct(model, x_adv, yb)
     model.train(was_training)
     return {"val_clean": float(clean) / n, "val_robust": float(robust) / n}
 
@@ -280,6 +386,21 @@ def _check_compatible(path: Path, ckpt: dict, model: nn.Module, cfg: TrainConfig
                               f"({'; '.join(diffs)}). Use a new run folder or the old settings.")
 
 
+def _check_same_precision(path: Path, ckpt: dict, cfg: TrainConfig, device: torch.device,
+                          precision: dict) -> None:
+    """A run resumes only under the bf16/fp32 choice it started with: "auto" may resolve
+    differently on another machine, and half a run in each would be neither. A checkpoint
+    written before the choice was recorded ran under the old rule (bf16 only on CUDA)."""
+    saved = (ckpt.get("precision") or {}).get("amp")
+    if saved is None:
+        saved = "bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else "fp32"
+    if saved != precision["amp"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained in {saved} but amp={cfg.amp!r} means "
+            f"{precision['amp']} here ({precision['why']}). Resume it on a machine where it "
+            f"means {saved}, or start a new run folder.")
+
+
 def _rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -287,6 +408,8 @@ def _rng_state(device: torch.device) -> dict:
                        *[float(v) if isinstance(v, float) else int(v) for v in np_state[2:]])}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -297,10 +420,14 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
-def _value(v) -> torch.Tensor:
-    return v.detach().to(torch.float64) if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+def _value(v, device) -> torch.Tensor:
+    """A log value as a 0-d float64 tensor on ``device`` (float32 on MPS, which has no float64)."""
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    return v.detach().to(device, dtype) if torch.is_tensor(v) else torch.tensor(float(v), dtype=dtype, device=device)
 
 
 def _objective_config(objective) -> dict:
@@ -337,11 +464,18 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     for stale in run_dir.glob(".*.tmp") if par.is_writer else ():  # half-written files of a killed run
         stale.unlink(missing_ok=True)
 
-    if use_channels_last(cfg, device):
+    precision = resolve_precision(cfg, device)
+    channels_last = precision["channels_last"]
+    step_autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+                     if precision["amp"] == "bf16" else contextlib.nullcontext)
+    if channels_last:
+        if device.type == "cpu":
+            _warn_onednn_1x1(model)
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-        dataset = dataset.to(device)           # once: batches are indexed and augmented on GPU
+    if device.type in ("cuda", "mps"):
+        dataset = dataset.to(device)           # once: batches are indexed and augmented there
     x_train, y_train = dataset.x_train, dataset.y_train
     steps_per_epoch = data_lib.steps_per_epoch(len(y_train), cfg.batch_size)
     if steps_per_epoch == 0:
@@ -351,7 +485,6 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     model = par.prepare(model, device)
     optimizer = make_optimizer(model, cfg)
     objective_config = _objective_config(objective)
-    channels_last = use_channels_last(cfg, device)
 
     # Everything below is what a checkpoint must restore.
     torch.manual_seed(cfg.seed)
@@ -362,6 +495,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         _check_compatible(ckpt_path, ckpt, model, cfg, objective_config)
+        _check_same_precision(ckpt_path, ckpt, cfg, device, precision)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -397,6 +531,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                      "epoch_seconds": epoch_seconds + (time.perf_counter() - t_piece),
                      "seconds": total_seconds + (time.perf_counter() - t_piece),
                      "config": cfg.to_dict(), "objective": objective_config,
+                     "precision": precision,
                      "model_signature": model_signature(model)}, ckpt_path)
 
     bar = _progress_bar(total_steps, global_step, run_dir.name, progress)
@@ -415,7 +550,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                 lr = lr_at(cfg, global_step, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with autocast_context(cfg, device), par.randomness(state.generator, len(batch.y)):
+                with step_autocast(), par.randomness(state.generator, len(batch.y)):
                     loss, logs = objective(net, batch, state)
                 if not torch.isfinite(par.mean(loss.detach())).item():
                     last = f"{ckpt_path} (step {global_step_saved(ckpt_path)})" if ckpt_path.exists() else "none yet"
@@ -429,7 +564,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 for k, v in logs.items():
-                    sums[k] = sums.get(k, 0) + _value(v).to(device)
+                    sums[k] = sums.get(k, 0) + _value(v, device)
                 counted += 1
                 global_step += 1
                 bar.update(1)
@@ -444,9 +579,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                     record.update({k: (v / counted).item() for k, v in par.mean_dict(sums).items()})
                     last_epoch = global_step == total_steps
                     if par.is_writer and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-                        with autocast_context(cfg, device):
-                            record.update(validate(model) if validate is not None else
-                                          validate_robust(model, dataset.x_val, dataset.y_val, cfg, device))
+                        # fp32: no autocast here (validate_robust also guards itself)
+                        record.update(validate(model) if validate is not None else
+                                      validate_robust(model, dataset.x_val, dataset.y_val, cfg, device))
                         metric = record.get(cfg.select_metric)
                         if metric is not None and (best["metric"] is None or metric > best["metric"]):
                             best = {"metric": metric, "step": global_step}
@@ -476,7 +611,7 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     atomic_save(model.state_dict(), final_path)
     result = TrainResult(run_dir, history, final_path, best_path if best["metric"] is not None else None,
                          best["metric"], best["step"], total_steps, round(total_seconds, 3),
-                         resumed_from)
+                         resumed_from, precision=precision)
     _atomic_write_text(json.dumps(result.to_json(), indent=1), result_path)
     ckpt_path.unlink(missing_ok=True)  # the run is complete: final.pt and best.pt remain
     par.barrier()
@@ -494,7 +629,8 @@ def _finished(result_path: Path, model: nn.Module, device) -> TrainResult:
     d = json.loads(result_path.read_text())
     result = TrainResult(Path(d["run_dir"]), d["history"], Path(d["final_path"]),
                          Path(d["best_path"]) if d["best_path"] else None, d["best_metric"],
-                         d["best_step"], d["total_steps"], d["seconds"], d["resumed_from"], cached=True)
+                         d["best_step"], d["total_steps"], d["seconds"], d["resumed_from"], cached=True,
+                         precision=d.get("precision"))
     final_path = result_path.parent / "final.pt"
     try:
         state = torch.load(final_path, map_location=device, weights_only=True)

@@ -17,9 +17,8 @@ from repro.params import ParameterError
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``"auto"``: CUDA, then Apple's MPS, then the CPU (``repro.train.resolve_device``)."""
+    return train.resolve_device(name)
 
 
 def load_dataset(name: str, *, n_train: int | None, n_test: int | None,
@@ -59,7 +58,8 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
         metrics["training"] = {"history": result.history, "seconds": result.seconds,
                                "best_step": result.best_step, "best_val": result.best_metric,
                                "weights": "best-on-validation" if weights == result.best_path
-                               else "final", "total_steps": result.total_steps}
+                               else "final", "total_steps": result.total_steps,
+                               "precision": result.precision}
         return metrics, arrays
 
     return results.cached(chapter, name, run_config(config, train_cfg, objective), compute,
