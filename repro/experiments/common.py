@@ -16,9 +16,18 @@ from repro.models import build
 from repro.params import ParameterError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA, then Apple's MPS, then the CPU (``repro.train.resolve_device``)."""
-    return train.resolve_device(name)
+def pick_device(name: str = "auto", *, float64: bool = False) -> torch.device:
+    """``"auto"``: CUDA, then Apple's MPS, then the CPU (``repro.train.resolve_device``).
+
+    ``float64=True``: the chapter computes in float64 (LMT's certificates); MPS has no
+    float64, so "auto" falls back to the CPU there, and an explicit "mps" is refused."""
+    device = train.resolve_device(name)
+    if float64 and device.type == "mps":
+        if name == "auto":
+            return torch.device("cpu")
+        raise ParameterError("device 'mps' has no float64, which this chapter's certificates "
+                             "need: use 'cpu' or 'auto'")
+    return device
 
 
 def load_dataset(name: str, *, n_train: int | None, n_test: int | None,
