@@ -72,6 +72,8 @@ SPEC = Spec("lmt", [
     Param("pgd_restarts", "int", "L2 PGD random restarts"),
     Param("cw_steps", "int", "C&W-L2 Adam steps per binary-search round"),
     Param("cw_search", "int", "C&W-L2 binary-search rounds over its constant"),
+    Param("ablation_epochs", "int", "MNIST: if > 0, an ablation trained this many epochs: "
+          "LMT++ at the last mnist_c, then one ingredient changed at a time (0: none)"),
     Param("seed", "int", "seed for data order, initialisation and attacks"),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
@@ -82,7 +84,7 @@ SPEC = Spec("lmt", [
                   linear_steps=10, power_block=8, weight_decay=5e-4, n_train=1000,
                   n_test=100, n_attack=100, mnist_radii=[0.0, 0.5, 1.0, 1.58, 2.0],
                   cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=5, pgd_restarts=1,
-                  cw_steps=10, cw_search=2, seed=0, device="auto"),
+                  cw_steps=10, cw_search=2, ablation_epochs=0, seed=0, device="auto"),
     "laptop": dict(datasets=["mnist"], methods=list(METHODS), mnist_epochs=5,
                    mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
                    mnist_normalize=False, cifar_epochs=2, cifar_c=1e-2,
@@ -90,7 +92,7 @@ SPEC = Spec("lmt", [
                    linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
                    n_test=10000, n_attack=500, mnist_radii=[0.0, 0.5, 1.0, 1.58, 2.0],
                    cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=50, pgd_restarts=1,
-                   cw_steps=100, cw_search=9, seed=0, device="auto"),
+                   cw_steps=100, cw_search=9, ablation_epochs=0, seed=0, device="auto"),
     "gpu": dict(datasets=["mnist", "cifar10"], methods=list(METHODS), mnist_epochs=10,
                 mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
                 mnist_normalize=False, cifar_epochs=30, cifar_c=1e-2,
@@ -98,7 +100,7 @@ SPEC = Spec("lmt", [
                 linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
                 n_test=10000, n_attack=2000, mnist_radii=[0.0, 0.5, 1.0, 1.58, 2.0],
                 cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=100, pgd_restarts=2,
-                cw_steps=100, cw_search=9, seed=0, device="auto"),
+                cw_steps=100, cw_search=9, ablation_epochs=0, seed=0, device="auto"),
     "paper": dict(datasets=["mnist", "cifar10"], methods=list(METHODS), mnist_epochs=20,
                   mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
                   mnist_normalize=False, cifar_epochs=200, cifar_c=1e-2,
@@ -106,8 +108,22 @@ SPEC = Spec("lmt", [
                   linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
                   n_test=10000, n_attack=1000, mnist_radii=[0.0, 0.5, 1.0, 1.58, 2.0],
                   cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=100, pgd_restarts=1,
-                  cw_steps=100, cw_search=9, seed=0, device="auto"),
+                  cw_steps=100, cw_search=9, ablation_epochs=5, seed=0, device="auto"),
 })
+
+# The ablation (``ablation_epochs``): LMT++ at the last mnist_c, trained ablation_epochs
+# epochs, attacked on ABLATION_ATTACK points; then one ingredient changed at a time.
+ABLATION = [
+    ("reference", "reference: LMT++, this chapter's setup", {}),
+    ("full-margin", "full margin (no per-example scaling)", {"lmt_form": "full"}),
+    ("paper-estimator", "1 power step, 1 vector (the paper's estimator)",
+     {"power_steps": 1, "linear_steps": 1, "power_block": 1}),
+    ("normalize", "mean/std input layer", {"mnist_normalize": True}),
+    ("batch100", "batch 100", {"mnist_batch_size": 100}),
+    ("c2.5", "c = 2.5", {"mnist_c": [2.5]}),
+    ("global", "LMT (global bound) instead of LMT++", {"methods": ["lmt"]}),
+]
+ABLATION_ATTACK = 200
 
 # Published reference numbers (MNIST, 4-layer CNN, LMT c=1): a third-party reimplementation.
 REFERENCE = {"mnist_clean": 0.865, "mnist_verified_1.58": 0.406, "radius": 1.58}
@@ -404,7 +420,8 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
     shows."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
-    key = {k: v for k, v in cfg.items() if k not in ("device", "datasets", "methods")}
+    key = {k: v for k, v in cfg.items()
+           if k not in ("device", "datasets", "methods", "ablation_epochs")}
     out = {"config": cfg, "runs": {}}
     for name in cfg["datasets"]:
         setup = dataset_setup(name, cfg)
@@ -444,6 +461,15 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
             out["runs"][run_name(name, row)] = {
                 "metrics": r.metrics(), "arrays": r.arrays(), "provenance": r.provenance(),
                 "path": str(r.path)}
+    if cfg["ablation_epochs"] > 0 and "mnist" in cfg["datasets"]:
+        base = {k: v for k, v in cfg.items() if k not in ("chapter", "preset")}
+        base.update(datasets=["mnist"], methods=["lmt_plus"], mnist_c=[cfg["mnist_c"][-1]],
+                    mnist_epochs=cfg["ablation_epochs"], ablation_epochs=0,
+                    n_attack=min(ABLATION_ATTACK, cfg["n_attack"]))
+        for tag, _, change in ABLATION:
+            sub = run(cfg["preset"], progress=progress, **{**base, **change})
+            (only,) = sub["runs"].values()
+            out["runs"][f"ablation-{tag}"] = only
     out["summary"] = {k: {"clean": v["metrics"]["clean_accuracy"],
                           "median_radius_pairwise": v["metrics"]["certified"]["median_pairwise"],
                           "violations": v["metrics"]["soundness"]["violations"]}
@@ -457,6 +483,39 @@ def dataset_runs(result: dict, dataset: str) -> dict[str, dict]:
     """Row key ("standard", "lmt_plus-c1.58", ...) -> run, for one dataset."""
     return {k.split("-", 1)[1]: v for k, v in result["runs"].items()
             if k.startswith(dataset + "-")}
+
+
+def main_runs(result: dict) -> dict[str, dict]:
+    """Every run but the ablation's."""
+    return {k: v for k, v in result["runs"].items() if not k.startswith("ablation-")}
+
+
+def ablation_table(result: dict, r: float = 1.58):
+    """The ablation (``ablation_epochs``): per variant, clean and certified accuracy at
+    radius ``r`` (per-pair and global, %), the median per-pair radius, L, the training
+    estimate / exact at the end, and the change of per-pair certified accuracy against the
+    reference row (percentage points). None when the run had no ablation."""
+    import pandas as pd
+    rows = {}
+    for tag, text, _ in ABLATION:
+        run = result["runs"].get(f"ablation-{tag}")
+        if run is None:
+            continue
+        m = run["metrics"]
+        c = m["certified"]
+        h = m["training"]["history"]
+        rows[text] = {"clean (%)": 100 * m["clean_accuracy"],
+                      f"certified @{r:g}, per-pair (%)": 100 * _at(c, "pairwise", r),
+                      f"certified @{r:g}, global (%)": 100 * _at(c, "global", r),
+                      "median radius, per-pair": c["median_pairwise"],
+                      "Lipschitz bound L": m["bound"]["lipschitz"],
+                      "estimate / exact (end)": h[-1].get("bound_ratio", float("nan"))}
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).T
+    ref = df.iloc[0][f"certified @{r:g}, per-pair (%)"]
+    df["change vs reference (pp)"] = df[f"certified @{r:g}, per-pair (%)"] - ref
+    return df.round(3)
 
 
 def datasets(result: dict) -> list[str]:
@@ -611,7 +670,7 @@ def bound_history(result: dict, dataset: str) -> dict[str, tuple[list, list, lis
 def soundness_table(result: dict):
     import pandas as pd
     rows = {}
-    for name, r in result["runs"].items():
+    for name, r in main_runs(result).items():
         s = r["metrics"]["soundness"]
         rows[name] = {"test points": s["n_checked"], "certified (r > 0)": s["n_certified"],
                       **{f"violations: {k}": v for k, v in s["by_attack"].items()},
@@ -629,9 +688,10 @@ def compute_time(result: dict) -> dict[str, dict]:
 
 
 def total_violations(result: dict) -> tuple[int, int]:
-    """(violations, test points checked) over every run."""
-    v = sum(r["metrics"]["soundness"]["violations"] for r in result["runs"].values())
-    n = sum(r["metrics"]["soundness"]["n_checked"] for r in result["runs"].values())
+    """(violations, test points checked) over every run but the ablation's."""
+    runs = main_runs(result).values()
+    v = sum(r["metrics"]["soundness"]["violations"] for r in runs)
+    n = sum(r["metrics"]["soundness"]["n_checked"] for r in runs)
     return v, n
 
 
@@ -724,11 +784,12 @@ def _claim_attacks(result):
 
 def _claim_sound(result):
     v, n = total_violations(result)
+    runs = main_runs(result)
     verdict = (claims.NOT_REPRODUCED if v else claims.REPRODUCED if
-               min(r["metrics"]["soundness"]["n_checked"] for r in result["runs"].values())
+               min(r["metrics"]["soundness"]["n_checked"] for r in runs.values())
                >= 1000 else claims.PARTLY)
-    cert = sum(r["metrics"]["soundness"]["n_certified"] for r in result["runs"].values())
-    return claims.Outcome(f"{v} violations: {n} test points ({len(result['runs'])} models), "
+    cert = sum(r["metrics"]["soundness"]["n_certified"] for r in runs.values())
+    return claims.Outcome(f"{v} violations: {n} test points ({len(runs)} models), "
                           f"the {cert} with a positive certified radius attacked by C&W, "
                           f"DeepFool and PGD", verdict, value=float(v))
 
