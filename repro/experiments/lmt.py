@@ -43,6 +43,8 @@ SPEC = Spec("lmt", [
     Param("mnist_c", "list[float]", "LMT's c on MNIST, one LMT and one LMT++ run per value: "
           "the L2 radius the margin asks for (official config: 1; 1.58 aims at the "
           "reference radius)"),
+    Param("mnist_plus_c", "list[float]", "MNIST: further c values trained with LMT++ only "
+          "(a larger target radius; the rows mnist_c gives both methods)"),
     Param("mnist_width", "int", "channels of the MNIST CNN's first conv (paper: 16)"),
     Param("mnist_batch_size", "int", "MNIST batch size (official config: 50)"),
     Param("mnist_normalize", "bool", "MNIST CNN starts with a mean/std layer (official: "
@@ -78,7 +80,7 @@ SPEC = Spec("lmt", [
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     "smoke": dict(datasets=["mnist"], methods=["standard", "lmt"],
-                  mnist_epochs=1, mnist_c=[1.0], mnist_width=8, mnist_batch_size=50,
+                  mnist_epochs=1, mnist_c=[1.0], mnist_plus_c=[], mnist_width=8, mnist_batch_size=50,
                   mnist_normalize=False, cifar_epochs=1, cifar_c=1e-2,
                   cifar_width=2, warmup_fraction=0.25, lmt_form="official", power_steps=2,
                   linear_steps=10, power_block=8, weight_decay=5e-4, n_train=1000,
@@ -86,7 +88,8 @@ SPEC = Spec("lmt", [
                   cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=5, pgd_restarts=1,
                   cw_steps=10, cw_search=2, ablation_epochs=0, seed=0, device="auto"),
     "laptop": dict(datasets=["mnist"], methods=list(METHODS), mnist_epochs=5,
-                   mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
+                   mnist_c=[1.0, 1.58], mnist_plus_c=[], mnist_width=16,
+                   mnist_batch_size=50,
                    mnist_normalize=False, cifar_epochs=2, cifar_c=1e-2,
                    cifar_width=16, warmup_fraction=0.25, lmt_form="official", power_steps=2,
                    linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
@@ -94,7 +97,7 @@ SPEC = Spec("lmt", [
                    cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=50, pgd_restarts=1,
                    cw_steps=100, cw_search=9, ablation_epochs=0, seed=0, device="auto"),
     "gpu": dict(datasets=["mnist", "cifar10"], methods=list(METHODS), mnist_epochs=10,
-                mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
+                mnist_c=[1.0, 1.58], mnist_plus_c=[], mnist_width=16, mnist_batch_size=50,
                 mnist_normalize=False, cifar_epochs=30, cifar_c=1e-2,
                 cifar_width=16, warmup_fraction=0.25, lmt_form="official", power_steps=2,
                 linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
@@ -102,7 +105,8 @@ SPEC = Spec("lmt", [
                 cifar_radii=[0.0, 0.05, 0.1, 0.25, 0.5], pgd_steps=100, pgd_restarts=2,
                 cw_steps=100, cw_search=9, ablation_epochs=0, seed=0, device="auto"),
     "paper": dict(datasets=["mnist", "cifar10"], methods=list(METHODS), mnist_epochs=20,
-                  mnist_c=[1.0, 1.58], mnist_width=16, mnist_batch_size=50,
+                  mnist_c=[1.0, 1.58], mnist_plus_c=[2.5], mnist_width=16,
+                  mnist_batch_size=50,
                   mnist_normalize=False, cifar_epochs=200, cifar_c=1e-2,
                   cifar_width=16, warmup_fraction=0.25, lmt_form="official", power_steps=2,
                   linear_steps=10, power_block=8, weight_decay=5e-4, n_train=None,
@@ -141,7 +145,8 @@ def dataset_setup(name: str, cfg: dict) -> dict:
     conv), batch size 50 (``mnist_batch_size``), Adam 1e-3, constant c (no ramp). CIFAR-10: WRN-16-4, SGD, c ramped."""
     if name == "mnist":
         return dict(arch="small_cnn", width=cfg["mnist_width"], epochs=cfg["mnist_epochs"],
-                    c=list(cfg["mnist_c"]), radii=cfg["mnist_radii"],
+                    c=list(cfg["mnist_c"]), plus_c=list(cfg["mnist_plus_c"]),
+                    radii=cfg["mnist_radii"],
                     batch_size=cfg["mnist_batch_size"],
                     optimizer="adam", lr=1e-3, momentum=0.9, schedule="constant",
                     augment=False, val_eps=1.58, grad_clip=None,
@@ -156,11 +161,14 @@ def dataset_setup(name: str, cfg: dict) -> dict:
 
 
 def variants(setup: dict, cfg: dict) -> list[tuple[str, str, float | None]]:
-    """(row key, method, c) per trained model: baselines once, LMT / LMT++ once per c."""
+    """(row key, method, c) per trained model: baselines once, LMT / LMT++ once per c, and
+    LMT++ once more per c of ``plus_c`` (MNIST's ``mnist_plus_c``)."""
     out = []
     for method in cfg["methods"]:
         if method in ("lmt", "lmt_plus"):
-            out += [(f"{method}-c{c:g}", method, float(c)) for c in setup["c"]]
+            cs = setup["c"] + [c for c in setup.get("plus_c", []) if method == "lmt_plus"
+                               and c not in setup["c"]]
+            out += [(f"{method}-c{c:g}", method, float(c)) for c in cs]
         else:
             out.append((method, method, None))
     return out
@@ -420,8 +428,9 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
     shows."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
+    # what does not change a run: where it runs, which rows are asked for
     key = {k: v for k, v in cfg.items()
-           if k not in ("device", "datasets", "methods", "ablation_epochs")}
+           if k not in ("device", "datasets", "methods", "ablation_epochs", "mnist_plus_c")}
     out = {"config": cfg, "runs": {}}
     for name in cfg["datasets"]:
         setup = dataset_setup(name, cfg)
@@ -464,6 +473,7 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
     if cfg["ablation_epochs"] > 0 and "mnist" in cfg["datasets"]:
         base = {k: v for k, v in cfg.items() if k not in ("chapter", "preset")}
         base.update(datasets=["mnist"], methods=["lmt_plus"], mnist_c=[cfg["mnist_c"][-1]],
+                    mnist_plus_c=[],
                     mnist_epochs=cfg["ablation_epochs"], ablation_epochs=0,
                     n_attack=min(ABLATION_ATTACK, cfg["n_attack"]))
         for tag, _, change in ABLATION:
