@@ -423,9 +423,16 @@ def evaluate_model(model, ds: data.Dataset, setup: dict, cfg: dict, device) -> t
 
 # ----------------------------------------------------------------------------- run
 
-def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
+def _keep(evaluated: tuple[dict, dict], arrays: bool) -> tuple[dict, dict]:
+    metrics, arr = evaluated
+    return metrics, (arr if arrays else {})
+
+
+def run(preset: str = "smoke", progress: bool = True, _arrays: bool = True,
+        **overrides) -> dict:
     """Train every (dataset, method, c) model, or reuse cached runs; return what the chapter
-    shows."""
+    shows. ``_arrays=False`` (the ablation's runs) stores no per-example arrays: the chapter
+    reads only their metrics, and their arrays would push the publication over 2 MB."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
     # what does not change a run: where it runs, which rows are asked for
@@ -466,7 +473,8 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
                 "lmt", run_name(name, row), run_key, model_fn=model_fn,
                 objective=objective, dataset=ds, train_cfg=train_cfg, device=device,
                 progress=progress, use_best=False, validate=validate,
-                evaluate=lambda m, s=setup, d=ds: evaluate_model(m, d, s, cfg, device))
+                evaluate=lambda m, s=setup, d=ds: _keep(evaluate_model(m, d, s, cfg, device),
+                                                        _arrays))
             out["runs"][run_name(name, row)] = {
                 "metrics": r.metrics(), "arrays": r.arrays(), "provenance": r.provenance(),
                 "path": str(r.path)}
@@ -477,7 +485,7 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
                     mnist_epochs=cfg["ablation_epochs"], ablation_epochs=0,
                     n_attack=min(ABLATION_ATTACK, cfg["n_attack"]))
         for tag, _, change in ABLATION:
-            sub = run(cfg["preset"], progress=progress, **{**base, **change})
+            sub = run(cfg["preset"], progress=progress, _arrays=False, **{**base, **change})
             (only,) = sub["runs"].values()
             out["runs"][f"ablation-{tag}"] = only
     out["summary"] = {k: {"clean": v["metrics"]["clean_accuracy"],
