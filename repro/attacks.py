@@ -279,11 +279,22 @@ def _finish_min_dist(model, x, y, x_adv, found):
     return x_adv.detach(), dist
 
 
+# C&W-L2's defaults. Carlini & Wagner's own (lr 0.01 from c = 1e-3, 10,000 steps) stop far too
+# early at 100 steps: in tanh space a pixel at exactly 0 or 1 (most of an MNIST digit) starts
+# where d pixel / d w ~ 1e-6, and Adam moves w by ~lr per step, so lr 0.01 needs ~500 steps
+# before such pixels move at all, and c = 1e-3 spends three search rounds just growing c.
+# Measured on a standard-trained MNIST CNN (100 correctly classified test digits): the old
+# defaults found 51/100 (median 3.12 with the misses as inf), lr 0.1 from c = 0.1 finds 100/100
+# at median 1.49 against DeepFool's 100/100 at 1.53 (tests/test_attacks.py checks this kind).
+CW_DEFAULTS = {"steps": 100, "binary_search_steps": 9, "lr": 0.1, "initial_const": 0.1}
+
+
 def cw_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 100,
-          binary_search_steps: int = 9, lr: float = 0.01, confidence: float = 0.0,
-          initial_const: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+          binary_search_steps: int = 9, lr: float = 0.1, confidence: float = 0.0,
+          initial_const: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Carlini-Wagner L2 (untargeted): Adam in tanh space on ||d||^2 + c * max(z_y - max_j z_j
     + confidence, 0), with a per-example binary search over c (x10 until the first success).
+    Defaults: ``CW_DEFAULTS`` (why these and not the paper's lr 0.01 from c = 1e-3: see there).
 
     Returns (x_adv, dist): the smallest-L2 misclassified point found per example (x itself
     where none was found) and its L2 distance (inf where none was found).

@@ -8,6 +8,7 @@ trained with LMT on real MNIST.
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,14 +250,80 @@ def test_estimator_state_gradients_and_convergence():
 def test_lmt_logits_add_exactly_the_margin():
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
     y = torch.tensor([2, 0])
-    out = L.lmt_logits(logits, y, 0.5, torch.tensor(3.0))
+    out = L.lmt_logits(logits, y, 0.5, torch.tensor(3.0), form="full")
     add = 0.5 * math.sqrt(2) * 3.0
     assert torch.allclose(out, logits + torch.tensor([[add, add, 0], [0, add, add]]))
     pair = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 4.0], [2.0, 4.0, 0.0]])
-    out = L.lmt_logits(logits, y, 0.5, pair)
+    out = L.lmt_logits(logits, y, 0.5, pair, form="full")
     assert torch.allclose(out, logits + 0.5 * torch.tensor([[2.0, 4.0, 0.0], [0.0, 1.0, 2.0]]))
-    loss = L.LMTMarginLoss(0.5)(logits, y, pair)
+    loss = L.LMTMarginLoss(0.5, form="full")(logits, y, pair)
     assert loss.item() == pytest.approx(F.cross_entropy(out, y).item())
+    with pytest.raises(ValueError, match="form"):
+        L.lmt_logits(logits, y, 0.5, pair, form="scaled")
+
+
+def _official_lmt(x, t, l):
+    """numpy port of the official Chainer ``Lmt.forward`` (ytsmiling/lmt,
+    src/function/last_fc.py), l = c·L: returns the shifted logits and the factor."""
+    l = l * math.sqrt(2)
+    x2 = x.copy()
+    rows = list(range(t.size))
+    x2[rows, t] = x.min(1)
+    factor = np.clip((x[rows, t] - x2.max(1)) / l, 0.0, 1.0)
+    x2[rows, t] = x[rows, t] - factor * l
+    return x2, factor
+
+
+def _official_lmt_fc(x, W, t, l):
+    """numpy port of the official ``LmtFc.forward`` (numpy branch), l = c·L_penultimate."""
+    diff = W[None] - W[t][:, None]                      # (N, K, D): w_i - w_t
+    l = l * np.linalg.norm(diff, axis=2)                # (N, K)
+    pred_margin = x[list(range(t.size)), t][:, None] - x
+    factor = np.where(pred_margin >= 0,
+                      np.where(pred_margin >= l, 1, pred_margin / (l + 1e-20)), 0)
+    factor = factor.min(1, keepdims=True)
+    return x + factor * l, factor[:, 0]
+
+
+def test_official_lmt_form_matches_the_official_code_on_hand_made_logits():
+    """Rows: misclassified (factor 0: plain CE), correct below the target margin (partial),
+    certified at the target (factor 1: the whole margin), a tie (0 margin)."""
+    x = np.array([[3.0, 1.0, 0.5],     # correct, margin 2: certified when sqrt(2)·c·L <= 2
+                  [0.0, 2.0, 1.0],     # misclassified (y = 0)
+                  [1.2, 1.0, -1.0],    # correct, margin 0.2 < the target: partial
+                  [1.0, 1.0, 0.0]])    # tie
+    t = np.array([0, 0, 0, 1])
+    c, bound = 0.5, 2.0                 # sqrt(2)·c·L = 1.414
+    ref, factor = _official_lmt(x, t, c * bound)
+    assert factor.tolist() == pytest.approx([1.0, 0.0, 0.2 / (math.sqrt(2) * c * bound), 0.0])
+    z, yt = torch.tensor(x), torch.tensor(t)
+    got = L.lmt_logits(z, yt, c, torch.tensor(bound, dtype=torch.float64))
+    # official lowers the target logit, ours raises the others: equal up to a per-row shift,
+    # which softmax cross-entropy ignores
+    shift = (got - torch.tensor(ref))
+    assert torch.allclose(shift - shift[:, :1], torch.zeros_like(shift), atol=1e-12)
+    ce = F.cross_entropy(got, yt, reduction="none")
+    assert torch.allclose(ce, F.cross_entropy(torch.tensor(ref), yt, reduction="none"))
+    assert ce[1] == pytest.approx(F.cross_entropy(z[1:2], yt[1:2]).item())  # plain CE
+
+    # the factor is a constant: d loss / d L = sum over rows of factor·sqrt(2)·c·(1 - p_t)/N
+    L_t = torch.tensor(bound, dtype=torch.float64, requires_grad=True)
+    loss = F.cross_entropy(L.lmt_logits(z, yt, c, L_t), yt)
+    loss.backward()
+    p_t = torch.softmax(torch.tensor(ref), 1)[torch.arange(4), yt]
+    expected = (torch.tensor(factor) * math.sqrt(2) * c * (1 - p_t)).mean()
+    assert L_t.grad.item() == pytest.approx(expected.item(), rel=1e-10)
+
+    # LMT++ (Prop. 2): per-pair a_i = c·||w_t - w_i||·L_pen, no sqrt(2)
+    W = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.5]])
+    l_pen = 0.8
+    ref, factor = _official_lmt_fc(x, W, t, c * l_pen)
+    pair = torch.tensor(np.linalg.norm(W[:, None] - W[None], axis=2) * l_pen)
+    got = L.lmt_logits(z, yt, c, pair)
+    assert torch.allclose(got, torch.tensor(ref), atol=1e-12)
+    assert factor[0] == 1.0 and factor[1] == 0.0 and 0 < factor[2] < 1
+    full = L.lmt_logits(z, yt, c, pair, form="full")
+    assert torch.allclose(full[0], got[0]) and not torch.allclose(full[1], got[1])
     assert L.lmt_c(0, 1e-2, 5) == pytest.approx(1e-5) and L.lmt_c(5, 1e-2, 5) == 1e-2
     assert L.lmt_c(2.5, 1e-2, 5) == pytest.approx(math.sqrt(1e-5 * 1e-2))
 
@@ -368,3 +435,20 @@ def test_lmt_trained_mnist_certificates_survive_pgd(mnist):
     adv = l2_pgd(net64, xt[ok].double(), yt[ok], torch.full_like(radius[ok], 4.0))
     with torch.no_grad():
         assert (net64(adv).argmax(1) != yt[ok]).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("k,s,p,d,g,size", [(4, 2, 1, 1, 1, 28), (3, 1, 1, 1, 2, 8),
+                                            (3, 2, 0, 2, 1, 9), (1, 3, 0, 1, 1, 8),
+                                            (4, 3, 2, 1, 2, 7)])
+def test_training_power_step_transpose_equals_the_autograd_adjoint(k, s, p, d, g, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, k, s, p, dilation=d, groups=g, bias=False)
+    node, _ = L.plan(conv, (2, size, size), "c")
+    y = torch.randn((1, *node.out_shape))
+    w = conv.weight.detach()
+    torch.testing.assert_close(L._transpose_apply(node, y, w), L._adjoint(node, y, w))
+    lin = nn.Linear(5, 3)
+    node, _ = L.plan(lin, (5,), "l")
+    y = torch.randn(1, 3)
+    torch.testing.assert_close(L._transpose_apply(node, y, lin.weight.detach()),
+                               L._adjoint(node, y, lin.weight.detach()))

@@ -50,16 +50,18 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
                        dataset: data.Dataset, train_cfg: train.TrainConfig,
                        evaluate: Callable[[torch.nn.Module], tuple[dict, dict]],
                        device: torch.device, progress: bool = True,
-                       use_best: bool = True) -> results.Run:
+                       use_best: bool = True, validate=None) -> results.Run:
     """Train ``model_fn()`` with ``objective`` (resumable: checkpoints live in the run folder)
     and evaluate the best-on-validation weights (or the final ones) with ``evaluate``.
+    ``validate(model) -> dict`` replaces the trainer's epoch-end validation (see
+    ``repro.train.train``).
 
     ``config`` must describe everything that changes the result; it keys the cache.
     """
     def compute(run: results.Run):
         model = model_fn()
         result = train.train(model, objective, dataset, train_cfg, run.path / "train",
-                             device=device, progress=progress)
+                             device=device, progress=progress, validate=validate)
         weights = result.best_path if (use_best and result.best_path) else result.final_path
         train.load_weights(model, weights, device)
         model.to(device).eval()
@@ -85,11 +87,14 @@ def _describe(objective) -> dict:
     return cfg() if callable(cfg) else {"name": type(objective).__name__}
 
 
-def model_for(arch: str, dataset: data.Dataset, *, width: int | None = None, **kw):
-    """A registered architecture sized for ``dataset`` (classes, channels, normalisation)."""
+def model_for(arch: str, dataset: data.Dataset, *, width: int | None = None,
+              normalize: bool = True, **kw):
+    """A registered architecture sized for ``dataset`` (classes, channels, normalisation:
+    ``normalize=False`` gives an identity input layer, mean 0 and std 1, on [0, 1] inputs)."""
     def make():
         torch.manual_seed(kw.pop("init_seed", 0))
-        return build(arch, dataset.num_classes, mean_std=dataset.mean_std, width=width, **kw)
+        return build(arch, dataset.num_classes,
+                     mean_std=dataset.mean_std if normalize else None, width=width, **kw)
     return make
 
 
