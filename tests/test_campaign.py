@@ -165,10 +165,11 @@ def test_publish_overrides_union_the_done_pieces():
     assert campaign.publish_overrides("he", ledger) == {"variants": ["pgd_at", "trades"]}
     assert campaign.publish_overrides("he", {**ledger, "he-alp": {}}) == {}
     assert campaign.publish_overrides("lmt", {}) is None
-    # LMT: MNIST x all methods + CIFAR-10 x two methods do not cover a product: the larger
-    # piece alone is published (nothing may be recomputed on a CPU); both CIFAR halves do
+    # LMT: MNIST x all methods + CIFAR-10 x two methods do not cover a product: the piece
+    # that decides more claims alone is published (nothing may be recomputed on a CPU; the
+    # MNIST piece decides none: the paper-preset run does); both CIFAR halves do
     assert campaign.publish_overrides("lmt", {"lmt-mnist": {}, "lmt-cifar-a": {}}) == \
-        {"datasets": ["mnist"], "methods": ["standard", "weight_decay", "lmt", "lmt_plus"]}
+        {"datasets": ["cifar10"], "methods": ["standard", "lmt"]}
     got = campaign.publish_overrides("lmt", {"lmt-cifar-a": {}, "lmt-cifar-b": {}})
     assert got["datasets"] == ["cifar10"] and len(got["methods"]) == 4
     # AdvProp's `only` pieces and BAT's stages publish once their chapter is complete
