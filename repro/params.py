@@ -21,7 +21,7 @@ from typing import Any, Callable
 PRESETS = ("smoke", "laptop", "gpu", "paper")
 PRESET_HELP = {
     "smoke": "CPU, about a minute: a few hundred images, tiny widths; proves the pipeline",
-    "laptop": "2 CPU cores, about 15 minutes: real data, small models, short schedules",
+    "laptop": "2 CPU cores, at most 30 minutes a chapter: real data, small models, short schedules",
     "gpu": "one H200, in pieces of <= 8 GPU-minutes (python -m repro campaign plan)",
     "paper": "the paper's own setup, for readers with hours of GPU",
 }
