@@ -61,25 +61,36 @@ def copy_run(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def keep_other_runs(old_results: Path, new_results: Path) -> list[str]:
+def keep_other_runs(old_results: Path, new_results: Path, preset: str | None = None,
+                    partial: bool = False) -> list[str]:
     """Carry the finished runs of an earlier publication that this one does not use (another
     preset's runs, runs ingested from a GPU campaign and not yet published) into the new
     ``results/`` folder, so that republishing one preset never deletes computed results the
     cache would otherwise recompute. A folder counts as a finished run only with its ``DONE``
     file and a ``config.json`` whose key matches the folder name; anything else is dropped.
+    Runs of ``preset`` itself are superseded by this publication and dropped (an earlier
+    configuration of the same preset, e.g. before the preset was resized); with ``partial``
+    (the publication overrides parameters, e.g. one dataset of several) only those whose run
+    name this publication recomputed are.
     Returns the kept folder names (they are not part of this publication's ``files``)."""
     kept = []
     if not old_results.is_dir():
         return kept
+    new_names = {f.name.rsplit("-", 1)[0] for f in new_results.iterdir()} \
+        if new_results.is_dir() else set()
     for folder in sorted(old_results.iterdir()):
         if (new_results / folder.name).exists() or not (folder / "DONE").is_file():
             continue
         try:
-            key = results.config_key(json.loads((folder / "config.json").read_text()))
+            config = json.loads((folder / "config.json").read_text())
+            key = results.config_key(config)
         except (OSError, ValueError):
             continue
         if not folder.name.endswith(f"-{key}"):
             continue
+        if preset is not None and config.get("preset") == preset and (
+                not partial or folder.name.rsplit("-", 1)[0] in new_names):
+            continue  # superseded by this publication of the same preset
         shutil.copytree(folder, new_results / folder.name)
         kept.append(folder.name)
     return kept
@@ -174,7 +185,8 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
                           "repro_version": prov.get("repro_version")}
         files = {str(p.relative_to(stage)): p.stat().st_size
                  for p in sorted(stage.rglob("*")) if p.is_file()}
-        kept = keep_other_runs(dest / "results", stage / "results")
+        kept = keep_other_runs(dest / "results", stage / "results", preset,
+                               partial=bool(overrides))
         if any(f.endswith(".pt") for f in files):
             raise PublishError("a checkpoint slipped into the publication")
         total = sum(files.values())

@@ -105,10 +105,44 @@ def test_publish_intro_at_smoke(tmp_path, data_root):
     wrong.mkdir()
     (wrong / "config.json").write_text(json.dumps(other_config))
     (wrong / "DONE").write_text("done")
+    # An earlier configuration of the same preset is superseded, not kept.
+    old_config = {"chapter": "intro", "preset": "smoke", "epochs": 99}
+    superseded = base / "results" / f"pgd_at-{results.config_key(old_config)}"
+    superseded.mkdir()
+    (superseded / "config.json").write_text(json.dumps(old_config))
+    (superseded / "DONE").write_text("done")
     rec2 = publish.publish("intro", "smoke", {}, root=root, allow_smoke=True, progress=False)
     assert not (base / "results" / "stale").exists()
+    assert not (base / "results" / superseded.name).exists(), "same preset: superseded"
     assert not (base / "results" / wrong.name).exists(), "a folder whose key mismatches is dropped"
     assert (base / "results" / other.name / "DONE").is_file()
     assert rec2["kept_runs"] == [other.name]
     assert not any(other.name in f for f in rec2["files"])
     assert not list(root.glob(".intro.*"))
+
+
+def test_keep_other_runs_drops_what_a_publication_supersedes(tmp_path):
+    """Another preset's runs are kept; the same preset's are superseded, all of them on a full
+    republication, only the recomputed run names on a partial one (``-p datasets [...]``)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    new.mkdir()
+    (new / "cifar-lmt-abc").mkdir()  # what the new publication computed
+
+    def finished(name, config):
+        folder = old / f"{name}-{results.config_key(config)}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "DONE").write_text("done")
+        return folder.name
+
+    gpu = finished("cifar-lmt", {"preset": "gpu", "c": 1})
+    mnist = finished("mnist-lmt", {"preset": "paper", "c": 1})
+    cifar = finished("cifar-lmt", {"preset": "paper", "c": 2})
+    partial = publish.keep_other_runs(old, new, "paper", partial=True)
+    assert sorted(partial) == sorted([gpu, mnist]) and cifar not in partial
+    new2 = tmp_path / "new2"
+    new2.mkdir()
+    assert publish.keep_other_runs(old, new2, "paper") == [gpu]
+    new3 = tmp_path / "new3"
+    new3.mkdir()
+    assert publish.keep_other_runs(old, new3, None) == sorted([gpu, mnist, cifar])
