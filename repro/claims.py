@@ -50,15 +50,15 @@ have detected: ``mde = (q_0.975 + q_0.80) · SE``, the true effect that a two-si
 detects with 80% power (q: normal quantiles, 1.96 + 0.84 = 2.80; t quantiles for
 seed-level estimates).
 
-**Adopting the rule in a chapter** (e.g. LMT, whose evaluators predate it): read the claim's
-``quantity``, ``direction``, ``null`` and ``floor["requires"]`` in its data file; build the
-estimate of that quantity (a count of violations: ``exact``; a certified fraction on n test
-points: ``proportion``; LMT − standard on the same points: ``paired``); pass the facts the
-floor names (for ``claims_data/lmt.json``: ``dataset``, ``test_images``, ``mnist_epochs``,
-``checked_points``; a key ``x_min`` in ``requires`` reads the fact ``x``) to
-:func:`judge`. Until then :meth:`Claim.judge` turns an evaluator's "not reproduced" that
-carries no floor check into *inconclusive*: no claim is refuted by a run whose scale nobody
-checked.
+**Adopting the rule in a chapter**: read the claim's ``quantity``, ``direction``, ``null``
+and ``floor["requires"]`` in its data file; build the estimate of that quantity (a count of
+violations: ``exact``; a certified fraction on n test points: ``proportion``; LMT − standard
+on the same points: ``paired``; a median against a threshold t: the fraction beyond t, since a
+median exceeds t exactly when more than half do); pass the facts the floor names (a key
+``x_min`` in ``requires`` reads the fact ``x``; ``repro.experiments.lmt._facts`` is an
+example) to :func:`judge`. Every chapter's evaluators do so; for any that does not,
+:meth:`Claim.judge` turns a "not reproduced" that carries no floor check into
+*inconclusive*: no claim is refuted by a run whose scale nobody checked.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro import data, lipschitz as L, models, objectives, train
+from repro import claims, data, lipschitz as L, models, objectives, train
 from repro.experiments import lmt as chapter
 from repro.train import TrainConfig
 
@@ -212,3 +212,132 @@ def test_training_estimate_stays_within_5_percent_of_the_exact_bound(mnist, tmp_
     check = obj.bound_check(net)
     print(check)
     assert abs(check["bound_ratio"] - 1) <= 0.05
+
+
+# ----------------------------------------------------------------------------- the claims
+# Each evaluator on hand-made result dicts (what repro.experiments.lmt stores per run): one
+# reproduced, one not reproduced at the floor, the same numbers below the floor.
+
+def _claim_run(radius, cw=None, df=None, *, bound=(1.0, 2.0), violations=0):
+    """One model's run as the claims read it: per-pair certified radii on the test images
+    (negative: misclassified), C&W / DeepFool distances on the first len(cw) of them,
+    (L, reshaped-kernel L) and the soundness check's violation count."""
+    radius = np.asarray(radius, dtype=np.float32)
+    cw = np.asarray(radius[:1000] if cw is None else cw, dtype=np.float64)
+    df = np.asarray(cw if df is None else df, dtype=np.float64)
+    na = len(cw)
+    r, clean = radius[:na].astype(np.float64), radius >= 0
+    ok = (r > 0) & clean[:na] & np.isfinite(np.minimum(cw, df))
+    ratio = np.minimum(cw, df)[ok] / r[ok]
+    metrics = {"n_test": len(radius), "n_attack": na,
+               "bound": {"lipschitz": bound[0], "kernel_matrix_lipschitz": bound[1]},
+               "certified": {"median_pairwise": float(np.median(np.maximum(radius, 0)))},
+               "tightness": {"median_min_pairwise": float(np.median(ratio)) if ok.any()
+                             else None},
+               "soundness": {"n_checked": na, "n_certified": int((r > 0).sum()),
+                             "violations": violations}}
+    arrays = {"radius_pair": radius, "cw_dist": cw.astype(np.float32),
+              "deepfool_dist": df.astype(np.float32), "correct_clean": clean}
+    return {"metrics": metrics, "arrays": arrays}
+
+
+def _claim_result(runs, epochs=20, n_train=None):
+    return {"config": {"mnist_epochs": epochs, "n_train": n_train},
+            "runs": {f"mnist-{k}": v for k, v in runs.items()}}
+
+
+def _judge(claim_id, result):
+    (c,) = [c for c in chapter.CLAIMS if c.id == claim_id]
+    return c.judge(result)
+
+
+N, NA = 10000, 1000
+STD = _claim_run(np.linspace(0, 0.1, N), np.linspace(0.5, 1.5, NA))
+WD = _claim_run(np.linspace(0, 0.2, N), np.linspace(0.5, 1.5, NA))
+
+
+def test_larger_radius_claim_compares_lmt_with_the_best_baseline_median():
+    big = _claim_run(np.linspace(0.1, 1.5, N))          # every radius above WD's median 0.1
+    small = _claim_run(np.linspace(0, 0.1, N))         # none above it
+    o = _judge("lmt.larger-radius", _claim_result({"standard": STD, "weight_decay": WD,
+                                                    "lmt_plus-c1": big}))
+    assert o.verdict == claims.REPRODUCED and o.floor_met is True
+    # beyond r = 0.1 (weight decay's median): 50% of WD's images, ~all of LMT's
+    assert o.value == pytest.approx(50.0, abs=0.1) and "beyond 0.100" in o.ours
+    assert o.mde == pytest.approx(2.80 * 0.5, rel=0.01)  # paired SE of a 0/1 flip on half
+    worse = _claim_result({"standard": STD, "weight_decay": WD, "lmt_plus-c1": small})
+    assert _judge("lmt.larger-radius", worse).verdict == claims.NOT_REPRODUCED
+    short = _claim_result({"standard": STD, "weight_decay": WD, "lmt_plus-c1": small}, epochs=5)
+    o = _judge("lmt.larger-radius", short)
+    assert o.verdict == claims.INCONCLUSIVE and o.floor_met is False
+    assert "mnist_epochs = 5" in o.floor_why
+
+
+def test_attack_claim_needs_both_attacks_beyond_the_standard_median():
+    r = np.linspace(0.1, 1.5, N)
+    far = _claim_run(r, np.linspace(1.0, 3.0, NA))      # both attacks beyond std's median 1.0
+    near = _claim_run(r, np.linspace(0.2, 1.0, NA))
+    split = _claim_run(r, np.linspace(1.0, 3.0, NA), np.linspace(0.2, 1.0, NA))
+    runs = {"standard": STD, "lmt_plus-c1": far}
+    o = _judge("lmt.attack-robust", _claim_result(runs))
+    assert o.verdict == claims.REPRODUCED and o.floor_met is True and o.mde > 0
+    assert "C&W" in o.ours and "DeepFool" in o.ours
+    for lmt in (near, split):   # DeepFool finds closer adversarials: not reproduced
+        o = _judge("lmt.attack-robust", _claim_result({"standard": STD, "lmt_plus-c1": lmt}))
+        assert o.verdict == claims.NOT_REPRODUCED and o.floor_met is True
+    few = {k: _claim_run(v["arrays"]["radius_pair"], v["arrays"]["cw_dist"][:200])
+           for k, v in {"standard": STD, "lmt_plus-c1": near}.items()}
+    o = _judge("lmt.attack-robust", _claim_result(few))
+    assert o.verdict == claims.INCONCLUSIVE and o.floor_met is False
+    assert "attacked_images = 200" in o.floor_why
+
+
+def test_tight_certificate_claim_counts_points_within_the_tolerance():
+    r = np.linspace(0.5, 1.5, N)
+    tol = chapter.TIGHTNESS_TOLERANCE
+    tight = _claim_run(r, r[:NA] * np.linspace(1.2, 3.0, NA))     # 72% within 2.5x
+    loose = _claim_run(r, r[:NA] * np.linspace(2.0, 6.0, NA))     # 12.5% within
+    o = _judge("lmt.tight-certificate", _claim_result({"standard": STD, "lmt_plus-c1": tight}))
+    assert o.verdict == claims.REPRODUCED and o.floor_met is True
+    assert o.value == pytest.approx(100 * (tol - 1.2) / 1.8, abs=0.2)
+    assert o.interval[0] > 50
+    o = _judge("lmt.tight-certificate", _claim_result({"standard": STD, "lmt_plus-c1": loose}))
+    assert o.verdict == claims.NOT_REPRODUCED and o.interval[1] < 50
+    # a point no attack broke is not within the tolerance: 60% unbroken -> 0.4·72% within
+    d = r[:NA] * np.linspace(1.2, 3.0, NA)
+    d[np.arange(NA) % 5 < 3] = np.inf
+    o = _judge("lmt.tight-certificate",
+               _claim_result({"standard": STD, "lmt_plus-c1": _claim_run(r, d)}))
+    assert o.value == pytest.approx(0.4 * 100 * (tol - 1.2) / 1.8, abs=0.3)
+    assert o.verdict == claims.NOT_REPRODUCED
+    o = _judge("lmt.tight-certificate",
+               _claim_result({"standard": STD, "lmt_plus-c1": loose}, n_train=20000))
+    assert o.verdict == claims.INCONCLUSIVE and "full_training_set = False" in o.floor_why
+
+
+def test_sound_claim_is_an_exact_count_over_every_certified_point():
+    ok = _claim_run(np.linspace(0.01, 1, N))            # 1,000 certified points attacked
+    o = _judge("lmt.sound", _claim_result({"standard": STD, "lmt_plus-c1": ok}))
+    assert o.verdict == claims.REPRODUCED and o.floor_met is True
+    assert o.value == 0 and o.mde == 0                  # a count: no sampling error
+    broken = _claim_run(np.linspace(0.01, 1, N), violations=1)
+    o = _judge("lmt.sound", _claim_result({"standard": STD, "lmt_plus-c1": broken}))
+    assert o.verdict == claims.NOT_REPRODUCED and o.value == 1
+    # 2 x 150 attacked points, 0 violations: not enough checks to call the theorem confirmed
+    few = {k: _claim_run(np.linspace(0.01, 1, N), np.ones(150)) for k in ("standard", "lmt-c1")}
+    o = _judge("lmt.sound", _claim_result(few))
+    assert o.verdict == claims.INCONCLUSIVE and "checked_points = 300" in o.floor_why
+
+
+def test_tighter_bound_claim_takes_the_smallest_ratio_over_the_models():
+    r = np.linspace(0, 1, N)
+    runs = {"standard": _claim_run(r, bound=(2.0, 6.0)),
+            "lmt_plus-c1": _claim_run(r, bound=(1.0, 1.3))}
+    o = _judge("lmt.tighter-bound", _claim_result(runs))
+    assert o.verdict == claims.REPRODUCED and o.value == pytest.approx(1.3)
+    assert o.floor_met is True and "1.30–3.00 over 2 models" in o.ours
+    runs["lmt-c1"] = _claim_run(r, bound=(1.0, 0.9))   # a model where it is looser (a bug)
+    assert _judge("lmt.tighter-bound", _claim_result(runs)).verdict == claims.NOT_REPRODUCED
+    del runs["standard"]                                # no unregularised model to compare
+    o = _judge("lmt.tighter-bound", _claim_result(runs))
+    assert o.verdict == claims.INCONCLUSIVE and "standard_models = 0" in o.floor_why
