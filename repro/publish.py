@@ -62,14 +62,16 @@ def copy_run(src: Path, dst: Path) -> list[str]:
 
 
 def keep_other_runs(old_results: Path, new_results: Path, preset: str | None = None,
-                    partial: bool = False) -> list[str]:
+                    partial: bool = False, used_before: set[str] = frozenset()) -> list[str]:
     """Carry the finished runs of an earlier publication that this one does not use (another
     preset's runs, runs ingested from a GPU campaign and not yet published) into the new
     ``results/`` folder, so that republishing one preset never deletes computed results the
     cache would otherwise recompute. A folder counts as a finished run only with its ``DONE``
     file and a ``config.json`` whose key matches the folder name; anything else is dropped.
     Runs of ``preset`` itself are superseded by this publication and dropped (an earlier
-    configuration of the same preset, e.g. before the preset was resized); with ``partial``
+    configuration of the same preset, e.g. before the preset was resized): those whose config
+    records ``preset``, and ``used_before``, the folders the earlier publication of the same
+    preset showed (chapters whose run keys leave the preset out); with ``partial``
     (the publication overrides parameters, e.g. one dataset of several) only those whose run
     name this publication recomputed are.
     Returns the kept folder names (they are not part of this publication's ``files``)."""
@@ -88,12 +90,24 @@ def keep_other_runs(old_results: Path, new_results: Path, preset: str | None = N
             continue
         if not folder.name.endswith(f"-{key}"):
             continue
-        if preset is not None and config.get("preset") == preset and (
-                not partial or folder.name.rsplit("-", 1)[0] in new_names):
+        same_preset = (preset is not None and config.get("preset") == preset) \
+            or folder.name in used_before
+        if same_preset and (not partial or folder.name.rsplit("-", 1)[0] in new_names):
             continue  # superseded by this publication of the same preset
         shutil.copytree(folder, new_results / folder.name)
         kept.append(folder.name)
     return kept
+
+
+def _used_by(dest: Path, preset: str) -> set[str]:
+    """The run folders the publication in ``dest`` showed, if it was one of ``preset``."""
+    try:
+        record = json.loads((dest / "publication.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if record.get("preset") != preset:
+        return set()
+    return {Path(r["folder"]).name for r in record.get("runs", {}).values() if "folder" in r}
 
 
 def _relativise_outputs(nb_path: Path) -> None:
@@ -186,7 +200,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
         files = {str(p.relative_to(stage)): p.stat().st_size
                  for p in sorted(stage.rglob("*")) if p.is_file()}
         kept = keep_other_runs(dest / "results", stage / "results", preset,
-                               partial=bool(overrides))
+                               partial=bool(overrides), used_before=_used_by(dest, preset))
         if any(f.endswith(".pt") for f in files):
             raise PublishError("a checkpoint slipped into the publication")
         total = sum(files.values())

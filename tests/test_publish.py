@@ -143,6 +143,14 @@ def test_keep_other_runs_drops_what_a_publication_supersedes(tmp_path):
     new2 = tmp_path / "new2"
     new2.mkdir()
     assert publish.keep_other_runs(old, new2, "paper") == [gpu]
+    # A run key without the preset: superseded when the earlier publication of the preset used it.
+    keyless = finished("vanilla", {"c": 3})
+    new4 = tmp_path / "new4"
+    new4.mkdir()
+    assert keyless in publish.keep_other_runs(old, new4, "paper")
+    (tmp_path / "new5").mkdir()
+    assert keyless not in publish.keep_other_runs(old, tmp_path / "new5", "paper",
+                                                  used_before={keyless})
     new3 = tmp_path / "new3"
     new3.mkdir()
-    assert publish.keep_other_runs(old, new3, None) == sorted([gpu, mnist, cifar])
+    assert publish.keep_other_runs(old, new3, None) == sorted([gpu, mnist, cifar, keyless])
