@@ -221,7 +221,7 @@ def test_plan_shares_runs_between_comparison_and_ablation():
     big, small = cfg["widths"][-1], cfg["widths"][0]
     assert names[:3] == [f"vanilla_w{big}_s0", f"shared_bn_w{big}_e1_s0", f"advprop_w{big}_e1_s0"]
     expected = 3 * len(cfg["seeds"]) + (1 + len(cfg["eps_grid"])) + (len(cfg["eps_grid"]) - 1)
-    assert len(names) == expected and f"advprop_w{small}_e4_s0" in names
+    assert len(names) == expected and f"advprop_w{small}_e{cfg['eps_grid'][-1]}_s0" in names
 
 
 def test_claim_verdicts_follow_the_numbers():

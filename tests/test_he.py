@@ -247,9 +247,11 @@ def test_alp_without_he_pairs_logits_with_the_official_mse(monkeypatch):
 
 def test_chapter_builds_each_run_with_the_right_head_and_objective(cifar10):
     from repro.experiments import he
-    cfg = he.SPEC.resolve("laptop")
+    cfg = he.SPEC.resolve("gpu")  # all three variants (laptop: PGD-AT and ALP)
     assert he.run_names(cfg["variants"]) == ["pgd_at", "pgd_at_he", "trades", "trades_he",
                                              "alp", "alp_he"]
+    assert he.run_names(he.SPEC.resolve("laptop")["variants"]) == ["pgd_at", "pgd_at_he",
+                                                                   "alp", "alp_he"]
     for name, cls, s, m in [("pgd_at_he", objectives.PGDAT, 10, 0.2),
                             ("trades_he", objectives.TRADES, 15, 0.2),
                             ("alp_he", objectives.ALP, 20, 0.3)]:
