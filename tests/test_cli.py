@@ -1,5 +1,6 @@
-"""The command line: argument routing, error messages (through a subprocess) and the one
-meaning of None on every path (the chapters' runs are tested elsewhere)."""
+"""The command line: argument routing, error messages (in this process through cli.main, and
+once end to end through a `python -m repro` subprocess) and the one meaning of None on every
+path (the chapters' runs are tested elsewhere)."""
 import os
 import subprocess
 import sys
@@ -35,6 +36,9 @@ def test_bench_unknown_name_fails(capsys):
 
 
 # ----------------------------------------------------------------------------- errors (issue 13)
+# In-process through cli.main (what `python -m repro` calls: repro/__main__.py is
+# `sys.exit(main())`): each `python -m repro` process re-imports torch, 3-5 s on CI. One test
+# keeps the real process end to end (exit status and stderr of `python -m repro`).
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_INTRO = ["experiment", "intro", "-p", "n_train", "200", "-p", "n_test", "10",
@@ -49,61 +53,86 @@ def _cli(*args, **env):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env})
 
 
+def _main(capsys, *args) -> tuple[int, str]:
+    """``python -m repro ARGS`` in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
 def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]  # progress bars also go to stderr
 
 
-def test_missing_dataset_prints_the_message_not_a_traceback(tmp_path):
+def _is_missing_mnist_message(stderr: str) -> bool:
+    return (stderr.startswith("error: DataNotFoundError: dataset 'mnist' not found")
+            and "REPRO_DATA" in stderr and "Traceback" not in stderr
+            and stderr.rstrip().endswith("[--debug shows the traceback]"))
+
+
+def test_python_m_repro_end_to_end(tmp_path):
+    """The real process: `python -m repro` exits with main's status and prints its one-line
+    message, no traceback (the other error tests call main in this process)."""
+    r = _cli("data", "show", "mnist", REPRO_DATA=str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert _is_missing_mnist_message(r.stderr), r.stderr
+
+
+def test_missing_dataset_prints_the_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from repro import data
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path))
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
     for args in (["data", "show", "mnist"], TINY_INTRO):
-        r = _cli(*args, REPRO_DATA=str(tmp_path), REPRO_RESULTS=str(tmp_path / "results"))
-        assert r.returncode == 1, r.stderr
-        assert "Traceback" not in r.stderr
-        assert r.stderr.startswith("error: DataNotFoundError: dataset 'mnist' not found")
-        assert "REPRO_DATA" in r.stderr and r.stderr.rstrip().endswith(
-            "[--debug shows the traceback]")
+        code, err = _main(capsys, *args)
+        assert code == 1 and _is_missing_mnist_message(err), (args, err)
+    # --debug, before or after the command: the exception itself leaves main (traceback)
     for args in (["--debug", "data", "show", "mnist"], ["data", "show", "mnist", "--debug"]):
-        r = _cli(*args, REPRO_DATA=str(tmp_path))
-        assert r.returncode == 1
-        assert "Traceback (most recent call last)" in r.stderr and "DataNotFoundError" in r.stderr
+        with pytest.raises(data.DataNotFoundError):
+            cli.main(args)
 
 
-def test_bad_parameters_exit_2_before_any_work(tmp_path, data_root):
+def test_bad_parameters_exit_2_before_any_work(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
     cases = [(["-p", "epochs", "-1"], "error: parameter 'epochs' must be >= 1, got -1"),
              (["-p", "n_test", "20000"], "error: parameter 'n_test' must be <= 10000, got 20000"),
              (["-p", "epochs", "None"], "error: parameter 'epochs' cannot be None"),
              (["-p", "epoch", "3"], "error: unknown parameter 'epoch'")]
     for command, args, message in [("experiment", *case) for case in cases] + \
             [("run", *case) for case in cases[:3:2]]:  # run: the same check, before papermill
-        r = _cli(command, "intro", *args, REPRO_RESULTS=str(tmp_path))
-        assert r.returncode == 2 and r.stderr.startswith(message), (args, r.stderr)
-        assert "Traceback" not in r.stderr
+        code, err = _main(capsys, command, "intro", *args)
+        assert code == 2 and err.startswith(message), (args, err)
+        assert "Traceback" not in err
     # beyond a split's size where no spec bound knows the dataset (LMT's n_train): refused when
     # the data are loaded, before that dataset's training
-    r = _cli("experiment", "lmt", "-p", "datasets", "['cifar10']", "-p", "n_train", "48001",
-             REPRO_RESULTS=str(tmp_path), REPRO_DATA=str(data_root))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert _last_line(r.stderr).startswith(
+    monkeypatch.setenv("REPRO_DATA", str(data_root))
+    code, err = _main(capsys, "experiment", "lmt", "-p", "datasets", "['cifar10']",
+                      "-p", "n_train", "48001")
+    assert code == 2 and "Traceback" not in err
+    assert _last_line(err).startswith(
         "error: n_train=48001, but cifar10 has 48000 train images after the validation split")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
 
 
-def test_corrupt_checkpoint_prints_the_message_not_a_traceback(tmp_path, data_root):
-    env = dict(REPRO_RESULTS=str(tmp_path), REPRO_DATA=str(data_root))
-    first = _cli(*TINY_INTRO, **env)
-    assert first.returncode == 0, first.stderr
+def test_corrupt_checkpoint_prints_the_message_not_a_traceback(tmp_path, data_root,
+                                                                monkeypatch, capsys):
+    from repro import train
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
+    monkeypatch.setenv("REPRO_DATA", str(data_root))
+    code, err = _main(capsys, *TINY_INTRO)
+    assert code == 0, err
     # turn the finished standard run into an interrupted one whose checkpoint is garbage
     (run,) = (tmp_path / "intro").glob("standard-*")
     (run / "DONE").unlink()
     (run / "train" / "result.json").unlink()
     checkpoint = run / "train" / "checkpoint.pt"
     checkpoint.write_bytes(b"not a checkpoint")
-    r = _cli(*TINY_INTRO, **env)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert _last_line(r.stderr).startswith(
+    code, err = _main(capsys, *TINY_INTRO)
+    assert code == 1 and "Traceback" not in err
+    assert _last_line(err).startswith(
         f"error: CheckpointError: checkpoint {checkpoint} is corrupt or unreadable")
-    assert "delete it to start the run over" in _last_line(r.stderr)
-    r = _cli("--debug", *TINY_INTRO, **env)
-    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "delete it to start the run over" in _last_line(err)
+    with pytest.raises(train.CheckpointError):
+        cli.main(["--debug", *TINY_INTRO])
 
 
 # ----------------------------------------------------------------------------- None (issue 13)
@@ -158,13 +187,17 @@ def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsy
 
 
 @pytest.mark.slow
-def test_a_failing_notebook_cell_is_one_message(tmp_path):
+def test_a_failing_notebook_cell_is_one_message(tmp_path, monkeypatch, capsys):
     """`run` validates, then papermill's error (whose text is the cell's whole traceback)
     becomes the cell's exception in one line."""
-    r = _cli("run", "intro", "--output", str(tmp_path / "out.ipynb"), REPRO_DATA=str(tmp_path),
-             REPRO_RESULTS=str(tmp_path / "results"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    message = r.stderr[r.stderr.index("error: "):]  # after the kernel's own log lines
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path))
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
+    # the kernel (cwd notebooks/) imports this checkout's repro
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    code, err = _main(capsys, "run", "intro", "--output", str(tmp_path / "out.ipynb"))
+    assert code == 1 and "Traceback" not in err
+    message = err[err.index("error: "):]  # after the kernel's own log lines
     assert message.startswith("error: the notebook failed in cell ")
     assert "DataNotFoundError: dataset 'mnist' not found" in message.splitlines()[0]
     assert message.rstrip().endswith("[--debug shows the traceback]")
