@@ -6,18 +6,18 @@
 
 ``--suite`` runs, in one process group (one spawn shared by the test's assertions: each
 ``torchrun`` costs a Python start and a torch import per process), the PGD-AT, TRADES and LMT
-runs into ``OUT/<objective>``, then a PGD-AT run stopped on every rank when step 9 starts
+runs into ``OUT/<objective>``, then a PGD-AT run stopped on every rank when step 5 starts
 and resumed into ``OUT/resumed``; rank 0 writes ``OUT/report.json``. With
 ``--experiment-results`` it then runs ``python -m repro experiment ARGS`` (``cli.main``, in
 the same processes) with ``REPRO_RESULTS=RESULTS``. ``test_distributed`` runs the
 one-process counterparts with ``run`` in its own process.
 
 A BN-free small CNN (PyTorch's SyncBatchNorm has no CPU kernel, so a BN model's per-rank
-statistics would differ from the global batch's) trained on 240 MNIST images: the PGD
-attack's random start exercises the sliced step randomness. The stop raises ``Stopped`` in
-the objective before step 9 touches anything; ``train`` has no handler that writes on an
-exception (its one ``finally`` closes the progress bar), so the folder is left as a kill
-would leave it (tests/test_train.py kills a real process with SIGKILL).
+statistics would differ from the global batch's) trained for 2 epochs of 3 steps on 120 MNIST
+images: the PGD attack's random start exercises the sliced step randomness. The stop raises
+``Stopped`` in the objective before step 5 touches anything; ``train`` has no handler that
+writes on an exception (its one ``finally`` closes the progress bar), so the folder is left
+as a kill would leave it (tests/test_train.py kills a real process with SIGKILL).
 """
 import argparse
 import json
@@ -39,7 +39,8 @@ CONFIG = TrainConfig(epochs=2, batch_size=40, optimizer="sgd", lr=0.05, momentum
                      weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.8),
                      augment=True, checkpoint_every=2, val_every=1, val_size=40, val_eps=0.1,
                      val_alpha=0.04, val_steps=2, seed=5)
-STOP_AT = 9   # the last checkpoint before it: step 8 (checkpoint_every=2)
+STOP_AT = 5   # the last checkpoint before it: step 4 (checkpoint_every=2), after the
+              # epoch-end one at step 3
 
 ATTACK = dict(eps=0.1, alpha=0.05, steps=2)
 OBJECTIVES = {"pgd_at": (objectives.PGDAT, ATTACK),   # attack forwards, one training forward
@@ -71,7 +72,7 @@ def _is_writer() -> bool:
 def run(run_dir, objective: str = "pgd_at", stop_at: int = -1) -> dict | None:
     """One training run into ``run_dir`` (data-parallel inside a process group); rank 0
     (or the single process) returns its history, resume step and final weights' sums."""
-    ds = data.load("mnist").limit(n_train=240, n_val=40)
+    ds = data.load("mnist").limit(n_train=120, n_val=40)
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=4)
     cls, kw = OBJECTIVES[objective]

@@ -27,16 +27,19 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 # tests/ddp_worker.py run by the library before data parallelism (commit 0fc1873, one process,
-# torch 2.13 CPU): the history's metrics and the final weights' sums.
+# torch 2.13 CPU; `REPRO_TREE=<0fc1873's tree> python tests/ddp_worker.py DIR`, a procedure
+# that reproduces the earlier 240-image reference exactly): the history's metrics and the
+# final weights' sums.
 REFERENCE = {
-    "history": [{"epoch": 1, "step": 6, "loss": 2.362767537434896, "adv_acc": 0.0,
-                 "val_clean": 0.025, "val_robust": 0.0},
-                {"epoch": 2, "step": 12, "loss": 2.321506222089132,
-                 "adv_acc": 0.025000000682969887, "val_clean": 0.025, "val_robust": 0.0}],
-    "weight_sums": {"conv1.weight": -0.918977284047287, "conv1.bias": 0.09392209630459547,
-                    "conv2.weight": -1.9416044375975616, "conv2.bias": -0.39850566582754254,
-                    "fc1.weight": -6.229477207485388, "fc1.bias": -0.2885484043508768,
-                    "head.weight": 0.8730308710364625, "head.bias": 0.11412542127072811},
+    "history": [{"epoch": 1, "step": 3, "loss": 2.3661542733510337, "adv_acc": 0.0,
+                 "val_clean": 0.125, "val_robust": 0.0},
+                {"epoch": 2, "step": 6, "loss": 2.3431107997894287,
+                 "adv_acc": 0.008333333457509676, "val_clean": 0.1, "val_robust": 0.0}],
+    "weight_sums": {
+        "conv1.weight": -0.9326390728820115, "conv1.bias": 0.14430266758427024,
+        "conv2.weight": -0.9244562339881668, "conv2.bias": -0.28587094228714705,
+        "fc1.weight": -2.4761923966370887, "fc1.bias": -0.10090098896762356,
+        "head.weight": 0.8733348319074139, "head.bias": 0.11416507884860039},
 }
 METRICS = ("loss", "adv_acc", "val_clean", "val_robust")
 
@@ -109,7 +112,7 @@ def test_two_processes_equal_one(one, two):
             assert h2[k] == pytest.approx(h1[k], rel=1e-5, abs=1e-7), k
     # rank 0 alone wrote the run folder: one metrics.jsonl mirroring the history
     lines = (dir2 / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [6, 12]
+    assert [json.loads(line)["step"] for line in lines] == [3, 6]
     assert not (dir2 / "checkpoint.pt").exists() and (dir2 / "result.json").exists()
 
 
@@ -133,11 +136,11 @@ def test_two_processes_equal_one_with_other_objectives(one, two, objective, logs
 def test_stopped_two_process_run_resumes_to_the_uninterrupted_one(two):
     dir2, ref_run = two["runs"]["pgd_at"]
     report = two["report"]
-    # stopped on every rank when step 9 started: no result, the step-8 checkpoint left
+    # stopped on every rank when step 5 started: no result, the step-4 checkpoint left
     assert report["stop"] == f"stopped at step {worker.STOP_AT}"
     assert "result.json" not in report["after_stop"] and "checkpoint.pt" in report["after_stop"]
     resumed = report["resumed"]
-    assert resumed["resumed_from"] == 8, "the last checkpoint (checkpoint_every=2) before step 9"
+    assert resumed["resumed_from"] == 4, "the last checkpoint (checkpoint_every=2) before step 5"
     w, ref = _weights(two["base"] / "runs" / "resumed"), _weights(dir2)
     for k in ref:
         torch.testing.assert_close(w[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
