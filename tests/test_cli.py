@@ -9,10 +9,8 @@ from pathlib import Path
 import papermill
 import pytest
 from papermill.cli import _resolve_type as papermill_value  # how papermill's CLI reads -p
-from papermill.iorw import load_notebook_node
-from papermill.parameterize import parameterize_notebook
 
-from repro import cli, experiments, params
+from repro import cli, params
 
 
 def test_bench_help_reaches_the_benchmark(capsys):
@@ -137,21 +135,8 @@ def test_corrupt_checkpoint_prints_the_message_not_a_traceback(tmp_path, data_ro
 
 # ----------------------------------------------------------------------------- None (issue 13)
 
-def _notebook_namespace(chapter: str, parameters: dict | None) -> dict:
-    """The globals of the real notebook after its parameters cell and, if ``parameters``,
-    the cell papermill injects for them (papermill's own parameterize_notebook)."""
-    nb = load_notebook_node(str(experiments.notebook_path(chapter)))
-    if parameters is not None:
-        nb = parameterize_notebook(nb, parameters)
-    ns = {}
-    for cell in nb.cells:
-        tags = cell.metadata.get("tags", [])
-        if "parameters" in tags or "injected-parameters" in tags:
-            exec(cell.source, ns)
-    return ns
-
-
-def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsys, tmp_path):
+def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsys, tmp_path,
+                                                              notebook_namespace):
     """Issue 13: `-p n_train None` ran the smoke preset's 3000 images while `params` said
     "None: all 55,000". Now None is the value "all" on every path, and only leaving the
     parameter out (or `...`, the notebooks' default) keeps the preset's value."""
@@ -173,17 +158,17 @@ def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsy
                         lambda nb, out, parameters, **kw: handed.append(parameters))
     for args in (["-p", "n_train", "None"], []):
         assert cli.main(["run", "intro", *args, "--output", str(tmp_path / "o.ipynb")]) == 0
-    got = [params.from_notebook(intro.SPEC, _notebook_namespace("intro", p))["n_train"]
+    got = [params.from_notebook(intro.SPEC, notebook_namespace("intro", p))["n_train"]
            for p in handed]
     assert got == [None, 3000]
     # papermill alone (`papermill notebooks/intro.ipynb out.ipynb -p n_train None`)
-    ns = _notebook_namespace("intro", {"n_train": papermill_value("None")})
+    ns = notebook_namespace("intro", {"n_train": papermill_value("None")})
     assert params.from_notebook(intro.SPEC, ns)["n_train"] is None
-    assert params.from_notebook(intro.SPEC, _notebook_namespace("intro", None))["n_train"] == 3000
+    assert params.from_notebook(intro.SPEC, notebook_namespace("intro", None))["n_train"] == 3000
     # a parameter without a None meaning refuses it on every path
     assert cli.main(["experiment", "intro", "-p", "epochs", "None"]) == 2
     with pytest.raises(params.ParameterError, match="'epochs' cannot be None"):
-        params.from_notebook(intro.SPEC, _notebook_namespace("intro", {"epochs": None}))
+        params.from_notebook(intro.SPEC, notebook_namespace("intro", {"epochs": None}))
 
 
 @pytest.mark.slow

@@ -52,13 +52,33 @@ def _fails_before_work(chapter, parameters, tmp_path, *fragments):
     assert all(c.get("execution_count") is None for c in cells[failed + 1:])
 
 
-@pytest.mark.parametrize("parameters,fragments", [
+BAD_PARAMETERS = [
     ({"preset": "smoke", "epochz": 2}, ("'epochz'", "epochs (int)", "eps (float)")),
     ({"preset": "smoke", "epochs": "two"}, ("'epochs'", "must be int")),
     ({"preset": "huge"}, ("unknown preset 'huge'", "smoke", "laptop", "gpu", "paper")),
-])
-def test_bad_parameters_stop_the_notebook(parameters, fragments, tmp_path):
+]
+
+
+def test_bad_parameters_stop_the_notebook(tmp_path):
+    """Through papermill and a kernel, once: the validation cell raises and nothing after it
+    runs (the same cell stops every bad parameter; the next test checks each message)."""
+    parameters, fragments = BAD_PARAMETERS[0]
     _fails_before_work("intro", parameters, tmp_path, *fragments)
+
+
+@pytest.mark.parametrize("parameters,fragments", BAD_PARAMETERS)
+def test_the_validation_cell_names_each_bad_parameter(parameters, fragments, notebook_namespace):
+    """The notebook's validation cell (``params.from_notebook``) on the globals papermill's
+    injected cell leaves, without a kernel: the error a reader sees for each bad parameter."""
+    from repro import params
+    from repro.experiments import intro
+    nb = json.loads(experiments.notebook_path("intro").read_text())
+    validation = next(c for c in nb["cells"] if "from_notebook" in "".join(c["source"]))
+    assert "params.from_notebook(intro.SPEC, globals())" in "".join(validation["source"])
+    with pytest.raises(params.ParameterError) as e:
+        params.from_notebook(intro.SPEC, notebook_namespace("intro", parameters))
+    for fragment in fragments:
+        assert fragment in str(e.value)
 
 
 # `python -m repro run|params` through cli.main, in this process (a `python -m repro`
