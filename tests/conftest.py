@@ -32,3 +32,26 @@ def cifar10(data_root):
 @pytest.fixture(scope="session")
 def cifar100(data_root):
     return data.load("cifar100", data_root)
+
+
+@pytest.fixture(scope="session")
+def notebook_namespace():
+    """``f(chapter, parameters)``: the globals of the real notebook after its parameters cell
+    and, if ``parameters`` is not None, the cell papermill injects for them (papermill's own
+    parameterize_notebook), without a kernel."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    from repro import experiments
+
+    def namespace(chapter: str, parameters: dict | None) -> dict:
+        nb = load_notebook_node(str(experiments.notebook_path(chapter)))
+        if parameters is not None:
+            nb = parameterize_notebook(nb, parameters)
+        ns = {}
+        for cell in nb.cells:
+            tags = cell.metadata.get("tags", [])
+            if "parameters" in tags or "injected-parameters" in tags:
+                exec(cell.source, ns)
+        return ns
+    return namespace

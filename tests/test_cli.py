@@ -1,5 +1,6 @@
-"""The command line: argument routing, error messages (through a subprocess) and the one
-meaning of None on every path (the chapters' runs are tested elsewhere)."""
+"""The command line: argument routing, error messages (in this process through cli.main, and
+once end to end through a `python -m repro` subprocess) and the one meaning of None on every
+path (the chapters' runs are tested elsewhere)."""
 import os
 import subprocess
 import sys
@@ -8,10 +9,8 @@ from pathlib import Path
 import papermill
 import pytest
 from papermill.cli import _resolve_type as papermill_value  # how papermill's CLI reads -p
-from papermill.iorw import load_notebook_node
-from papermill.parameterize import parameterize_notebook
 
-from repro import cli, experiments, params
+from repro import cli, params
 
 
 def test_bench_help_reaches_the_benchmark(capsys):
@@ -35,6 +34,9 @@ def test_bench_unknown_name_fails(capsys):
 
 
 # ----------------------------------------------------------------------------- errors (issue 13)
+# In-process through cli.main (what `python -m repro` calls: repro/__main__.py is
+# `sys.exit(main())`): each `python -m repro` process re-imports torch, 3-5 s on CI. One test
+# keeps the real process end to end (exit status and stderr of `python -m repro`).
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_INTRO = ["experiment", "intro", "-p", "n_train", "200", "-p", "n_test", "10",
@@ -49,80 +51,92 @@ def _cli(*args, **env):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env})
 
 
+def _main(capsys, *args) -> tuple[int, str]:
+    """``python -m repro ARGS`` in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
 def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]  # progress bars also go to stderr
 
 
-def test_missing_dataset_prints_the_message_not_a_traceback(tmp_path):
+def _is_missing_mnist_message(stderr: str) -> bool:
+    return (stderr.startswith("error: DataNotFoundError: dataset 'mnist' not found")
+            and "REPRO_DATA" in stderr and "Traceback" not in stderr
+            and stderr.rstrip().endswith("[--debug shows the traceback]"))
+
+
+def test_python_m_repro_end_to_end(tmp_path):
+    """The real process: `python -m repro` exits with main's status and prints its one-line
+    message, no traceback (the other error tests call main in this process)."""
+    r = _cli("data", "show", "mnist", REPRO_DATA=str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert _is_missing_mnist_message(r.stderr), r.stderr
+
+
+def test_missing_dataset_prints_the_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from repro import data
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path))
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
     for args in (["data", "show", "mnist"], TINY_INTRO):
-        r = _cli(*args, REPRO_DATA=str(tmp_path), REPRO_RESULTS=str(tmp_path / "results"))
-        assert r.returncode == 1, r.stderr
-        assert "Traceback" not in r.stderr
-        assert r.stderr.startswith("error: DataNotFoundError: dataset 'mnist' not found")
-        assert "REPRO_DATA" in r.stderr and r.stderr.rstrip().endswith(
-            "[--debug shows the traceback]")
+        code, err = _main(capsys, *args)
+        assert code == 1 and _is_missing_mnist_message(err), (args, err)
+    # --debug, before or after the command: the exception itself leaves main (traceback)
     for args in (["--debug", "data", "show", "mnist"], ["data", "show", "mnist", "--debug"]):
-        r = _cli(*args, REPRO_DATA=str(tmp_path))
-        assert r.returncode == 1
-        assert "Traceback (most recent call last)" in r.stderr and "DataNotFoundError" in r.stderr
+        with pytest.raises(data.DataNotFoundError):
+            cli.main(args)
 
 
-def test_bad_parameters_exit_2_before_any_work(tmp_path, data_root):
+def test_bad_parameters_exit_2_before_any_work(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
     cases = [(["-p", "epochs", "-1"], "error: parameter 'epochs' must be >= 1, got -1"),
              (["-p", "n_test", "20000"], "error: parameter 'n_test' must be <= 10000, got 20000"),
              (["-p", "epochs", "None"], "error: parameter 'epochs' cannot be None"),
              (["-p", "epoch", "3"], "error: unknown parameter 'epoch'")]
     for command, args, message in [("experiment", *case) for case in cases] + \
             [("run", *case) for case in cases[:3:2]]:  # run: the same check, before papermill
-        r = _cli(command, "intro", *args, REPRO_RESULTS=str(tmp_path))
-        assert r.returncode == 2 and r.stderr.startswith(message), (args, r.stderr)
-        assert "Traceback" not in r.stderr
+        code, err = _main(capsys, command, "intro", *args)
+        assert code == 2 and err.startswith(message), (args, err)
+        assert "Traceback" not in err
     # beyond a split's size where no spec bound knows the dataset (LMT's n_train): refused when
     # the data are loaded, before that dataset's training
-    r = _cli("experiment", "lmt", "-p", "datasets", "['cifar10']", "-p", "n_train", "48001",
-             REPRO_RESULTS=str(tmp_path), REPRO_DATA=str(data_root))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert _last_line(r.stderr).startswith(
+    monkeypatch.setenv("REPRO_DATA", str(data_root))
+    code, err = _main(capsys, "experiment", "lmt", "-p", "datasets", "['cifar10']",
+                      "-p", "n_train", "48001")
+    assert code == 2 and "Traceback" not in err
+    assert _last_line(err).startswith(
         "error: n_train=48001, but cifar10 has 48000 train images after the validation split")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
 
 
-def test_corrupt_checkpoint_prints_the_message_not_a_traceback(tmp_path, data_root):
-    env = dict(REPRO_RESULTS=str(tmp_path), REPRO_DATA=str(data_root))
-    first = _cli(*TINY_INTRO, **env)
-    assert first.returncode == 0, first.stderr
+def test_corrupt_checkpoint_prints_the_message_not_a_traceback(tmp_path, data_root,
+                                                                monkeypatch, capsys):
+    from repro import train
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
+    monkeypatch.setenv("REPRO_DATA", str(data_root))
+    code, err = _main(capsys, *TINY_INTRO)
+    assert code == 0, err
     # turn the finished standard run into an interrupted one whose checkpoint is garbage
     (run,) = (tmp_path / "intro").glob("standard-*")
     (run / "DONE").unlink()
     (run / "train" / "result.json").unlink()
     checkpoint = run / "train" / "checkpoint.pt"
     checkpoint.write_bytes(b"not a checkpoint")
-    r = _cli(*TINY_INTRO, **env)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert _last_line(r.stderr).startswith(
+    code, err = _main(capsys, *TINY_INTRO)
+    assert code == 1 and "Traceback" not in err
+    assert _last_line(err).startswith(
         f"error: CheckpointError: checkpoint {checkpoint} is corrupt or unreadable")
-    assert "delete it to start the run over" in _last_line(r.stderr)
-    r = _cli("--debug", *TINY_INTRO, **env)
-    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "delete it to start the run over" in _last_line(err)
+    with pytest.raises(train.CheckpointError):
+        cli.main(["--debug", *TINY_INTRO])
 
 
 # ----------------------------------------------------------------------------- None (issue 13)
 
-def _notebook_namespace(chapter: str, parameters: dict | None) -> dict:
-    """The globals of the real notebook after its parameters cell and, if ``parameters``,
-    the cell papermill injects for them (papermill's own parameterize_notebook)."""
-    nb = load_notebook_node(str(experiments.notebook_path(chapter)))
-    if parameters is not None:
-        nb = parameterize_notebook(nb, parameters)
-    ns = {}
-    for cell in nb.cells:
-        tags = cell.metadata.get("tags", [])
-        if "parameters" in tags or "injected-parameters" in tags:
-            exec(cell.source, ns)
-    return ns
-
-
-def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsys, tmp_path):
+def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsys, tmp_path,
+                                                              notebook_namespace):
     """Issue 13: `-p n_train None` ran the smoke preset's 3000 images while `params` said
     "None: all 55,000". Now None is the value "all" on every path, and only leaving the
     parameter out (or `...`, the notebooks' default) keeps the preset's value."""
@@ -144,27 +158,31 @@ def test_none_means_the_same_through_params_cli_and_papermill(monkeypatch, capsy
                         lambda nb, out, parameters, **kw: handed.append(parameters))
     for args in (["-p", "n_train", "None"], []):
         assert cli.main(["run", "intro", *args, "--output", str(tmp_path / "o.ipynb")]) == 0
-    got = [params.from_notebook(intro.SPEC, _notebook_namespace("intro", p))["n_train"]
+    got = [params.from_notebook(intro.SPEC, notebook_namespace("intro", p))["n_train"]
            for p in handed]
     assert got == [None, 3000]
     # papermill alone (`papermill notebooks/intro.ipynb out.ipynb -p n_train None`)
-    ns = _notebook_namespace("intro", {"n_train": papermill_value("None")})
+    ns = notebook_namespace("intro", {"n_train": papermill_value("None")})
     assert params.from_notebook(intro.SPEC, ns)["n_train"] is None
-    assert params.from_notebook(intro.SPEC, _notebook_namespace("intro", None))["n_train"] == 3000
+    assert params.from_notebook(intro.SPEC, notebook_namespace("intro", None))["n_train"] == 3000
     # a parameter without a None meaning refuses it on every path
     assert cli.main(["experiment", "intro", "-p", "epochs", "None"]) == 2
     with pytest.raises(params.ParameterError, match="'epochs' cannot be None"):
-        params.from_notebook(intro.SPEC, _notebook_namespace("intro", {"epochs": None}))
+        params.from_notebook(intro.SPEC, notebook_namespace("intro", {"epochs": None}))
 
 
 @pytest.mark.slow
-def test_a_failing_notebook_cell_is_one_message(tmp_path):
+def test_a_failing_notebook_cell_is_one_message(tmp_path, monkeypatch, capsys):
     """`run` validates, then papermill's error (whose text is the cell's whole traceback)
     becomes the cell's exception in one line."""
-    r = _cli("run", "intro", "--output", str(tmp_path / "out.ipynb"), REPRO_DATA=str(tmp_path),
-             REPRO_RESULTS=str(tmp_path / "results"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    message = r.stderr[r.stderr.index("error: "):]  # after the kernel's own log lines
+    monkeypatch.setenv("REPRO_DATA", str(tmp_path))
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
+    # the kernel (cwd notebooks/) imports this checkout's repro
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    code, err = _main(capsys, "run", "intro", "--output", str(tmp_path / "out.ipynb"))
+    assert code == 1 and "Traceback" not in err
+    message = err[err.index("error: "):]  # after the kernel's own log lines
     assert message.startswith("error: the notebook failed in cell ")
     assert "DataNotFoundError: dataset 'mnist' not found" in message.splitlines()[0]
     assert message.rstrip().endswith("[--debug shows the traceback]")

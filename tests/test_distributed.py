@@ -1,9 +1,16 @@
 """Data-parallel training (repro.distributed) on the CPU with gloo and 2 processes launched by
-torchrun: N = 1 and N = 2 end with the same weights and metrics; a killed 2-process run
-resumes to the uninterrupted one; the single-process path gives what the trainer gave before
-data parallelism existed. The model is BN-free (tests/ddp_worker.py says why)."""
+torchrun: N = 1 and N = 2 end with the same weights and metrics (PGD-AT, TRADES, LMT); a
+2-process run stopped mid-way resumes to the uninterrupted one; the single-process path gives
+what the trainer gave before data parallelism existed; ``torchrun -m repro experiment``
+writes once and matches one process. The model is BN-free (tests/ddp_worker.py says why).
+
+One ``torchrun`` spawn serves every 2-process assertion (tests/ddp_worker.py --suite: the
+runs, then the experiment command in the same processes); the one-process runs happen in
+this process. Each spawn costs a Python start and a torch import per process."""
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,37 +18,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro import distributed
+from repro import cli, distributed
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
 
 # tests/ddp_worker.py run by the library before data parallelism (commit 0fc1873, one process,
-# torch 2.13 CPU): the history's metrics and the final weights' sums.
+# torch 2.13 CPU; `REPRO_TREE=<0fc1873's tree> python tests/ddp_worker.py DIR`, a procedure
+# that reproduces the earlier 240-image reference exactly): the history's metrics and the
+# final weights' sums.
 REFERENCE = {
-    "history": [{"epoch": 1, "step": 6, "loss": 2.362767537434896, "adv_acc": 0.0,
-                 "val_clean": 0.025, "val_robust": 0.0},
-                {"epoch": 2, "step": 12, "loss": 2.321506222089132,
-                 "adv_acc": 0.025000000682969887, "val_clean": 0.025, "val_robust": 0.0}],
-    "weight_sums": {"conv1.weight": -0.918977284047287, "conv1.bias": 0.09392209630459547,
-                    "conv2.weight": -1.9416044375975616, "conv2.bias": -0.39850566582754254,
-                    "fc1.weight": -6.229477207485388, "fc1.bias": -0.2885484043508768,
-                    "head.weight": 0.8730308710364625, "head.bias": 0.11412542127072811},
+    "history": [{"epoch": 1, "step": 3, "loss": 2.3661542733510337, "adv_acc": 0.0,
+                 "val_clean": 0.125, "val_robust": 0.0},
+                {"epoch": 2, "step": 6, "loss": 2.3431107997894287,
+                 "adv_acc": 0.008333333457509676, "val_clean": 0.1, "val_robust": 0.0}],
+    "weight_sums": {
+        "conv1.weight": -0.9326390728820115, "conv1.bias": 0.14430266758427024,
+        "conv2.weight": -0.9244562339881668, "conv2.bias": -0.28587094228714705,
+        "fc1.weight": -2.4761923966370887, "fc1.bias": -0.10090098896762356,
+        "head.weight": 0.8733348319074139, "head.bias": 0.11416507884860039},
 }
 METRICS = ("loss", "adv_acc", "val_clean", "val_robust")
 
 
-def _run(run_dir, nproc=1, exit_at=None, check=True, objective="pgd_at"):
-    cmd = [sys.executable, str(WORKER), str(run_dir), "--objective", objective]
-    if nproc > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    if exit_at is not None:
-        cmd += ["--exit-at", str(exit_at)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    return out
+# `python -m repro experiment intro` at toy size: one process (here) and two (torchrun)
+EXPERIMENT = ["intro", "--preset", "smoke", "-p", "n_train", "600", "-p", "n_test", "40",
+              "-p", "eval_steps", "2", "-p", "eps_grid", "[0.0, 0.1]"]
 
 
 def _weights(run_dir):
@@ -49,71 +54,99 @@ def _weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_root):
-    base = tmp_path_factory.mktemp("ddp")
-    return {n: (base / f"n{n}", _run(base / f"n{n}", nproc=n)) for n in (1, 2)}
+def one(tmp_path_factory, data_root):
+    """The one-process runs, in this process (the same code as the workers' ``run``)."""
+    base = tmp_path_factory.mktemp("n1")
+    return {name: (base / name, worker.run(base / name, name)) for name in worker.OBJECTIVES}
 
 
-def test_single_process_is_unchanged(runs):
-    _, one = runs[1]
-    assert one["world_size"] == 1
-    for got, want in zip(one["history"], REFERENCE["history"], strict=True):
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, data_root):
+    """The one torchrun spawn: 2-process runs of every objective, the stopped-and-resumed
+    run, and ``experiment`` EXPERIMENT. Before it, the one-process experiment runs here;
+    its PGD-AT run is handed to the 2-process experiment, which must reuse it on both ranks
+    (no rank trains alone) and train the standard model itself."""
+    base = tmp_path_factory.mktemp("n2")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("REPRO_RESULTS", str(base / "one"))
+        assert cli.main(["experiment", *EXPERIMENT]) == 0
+    finally:
+        mp.undo()
+    (adv,) = (base / "one" / "intro").glob("pgd_at-*")
+    shutil.copytree(adv, base / "two" / "intro" / adv.name)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", str(WORKER), "--suite", str(base / "runs"),
+           "--experiment-results", str(base / "two"), "--", *EXPERIMENT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((base / "runs" / "report.json").read_text())
+    return {"base": base, "report": report, "log": out.stdout + out.stderr,
+            "runs": {name: (base / "runs" / name, report[name]) for name in worker.OBJECTIVES}}
+
+
+def test_single_process_is_unchanged(one):
+    _, run = one["pgd_at"]
+    assert run["world_size"] == 1
+    for got, want in zip(run["history"], REFERENCE["history"], strict=True):
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     for k, v in REFERENCE["weight_sums"].items():
-        assert one["weight_sums"][k] == pytest.approx(v, rel=1e-6), k
+        assert run["weight_sums"][k] == pytest.approx(v, rel=1e-6), k
 
 
-def test_two_processes_equal_one(runs):
-    (dir1, one), (dir2, two) = runs[1], runs[2]
-    assert two["world_size"] == 2
+def test_two_processes_equal_one(one, two):
+    (dir1, r1), (dir2, r2) = one["pgd_at"], two["runs"]["pgd_at"]
+    assert r2["world_size"] == 2
     w1, w2 = _weights(dir1), _weights(dir2)
     assert w1.keys() == w2.keys()
     moved = sum(float((w1[k] - torch.load(dir1 / "best.pt", weights_only=True)[k]).abs().sum())
-                for k in w1) + sum(abs(v) for v in one["weight_sums"].values())
+                for k in w1) + sum(abs(v) for v in r1["weight_sums"].values())
     assert moved > 0
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-    for r1, r2 in zip(one["history"], two["history"], strict=True):
-        assert r1["step"] == r2["step"]
+    for h1, h2 in zip(r1["history"], r2["history"], strict=True):
+        assert h1["step"] == h2["step"]
         for k in METRICS:
-            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-7), k
+            assert h2[k] == pytest.approx(h1[k], rel=1e-5, abs=1e-7), k
     # rank 0 alone wrote the run folder: one metrics.jsonl mirroring the history
     lines = (dir2 / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [6, 12]
+    assert [json.loads(line)["step"] for line in lines] == [3, 6]
     assert not (dir2 / "checkpoint.pt").exists() and (dir2 / "result.json").exists()
 
 
 @pytest.mark.parametrize("objective, logs", [
     ("trades", ("loss", "natural", "kl", "acc", "adv_acc")),
     ("lmt", ("loss", "acc", "lipschitz"))])
-def test_two_processes_equal_one_with_other_objectives(tmp_path, data_root, objective, logs):
+def test_two_processes_equal_one_with_other_objectives(one, two, objective, logs):
     """TRADES: a KL attack and two training forwards (clean and adversarial) through DDP
     before one backward. LMT: a Lipschitz bound that walks the (DDP-wrapped) model, with
     persistent power-iteration vectors on every rank."""
-    one = _run(tmp_path / "n1", objective=objective)
-    two = _run(tmp_path / "n2", nproc=2, objective=objective)
-    w1, w2 = _weights(tmp_path / "n1"), _weights(tmp_path / "n2")
+    (dir1, r1), (dir2, r2) = one[objective], two["runs"][objective]
+    assert r2["world_size"] == 2
+    w1, w2 = _weights(dir1), _weights(dir2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-    for r1, r2 in zip(one["history"], two["history"], strict=True):
+    for h1, h2 in zip(r1["history"], r2["history"], strict=True):
         for k in logs:
-            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-7), k
+            assert h2[k] == pytest.approx(h1[k], rel=1e-5, abs=1e-7), k
 
 
-def test_killed_two_process_run_resumes_to_the_uninterrupted_one(runs, tmp_path):
-    dir2, two = runs[2]
-    killed = _run(tmp_path / "r", nproc=2, exit_at=9, check=False)
-    assert killed.returncode != 0
-    assert not (tmp_path / "r" / "result.json").exists()
-    resumed = _run(tmp_path / "r", nproc=2)
-    assert resumed["resumed_from"] == 8, "the last checkpoint (checkpoint_every=2) before step 9"
-    w, ref = _weights(tmp_path / "r"), _weights(dir2)
+def test_stopped_two_process_run_resumes_to_the_uninterrupted_one(two):
+    dir2, ref_run = two["runs"]["pgd_at"]
+    report = two["report"]
+    # stopped on every rank when step 5 started: no result, the step-4 checkpoint left
+    assert report["stop"] == f"stopped at step {worker.STOP_AT}"
+    assert "result.json" not in report["after_stop"] and "checkpoint.pt" in report["after_stop"]
+    resumed = report["resumed"]
+    assert resumed["resumed_from"] == 4, "the last checkpoint (checkpoint_every=2) before step 5"
+    w, ref = _weights(two["base"] / "runs" / "resumed"), _weights(dir2)
     for k in ref:
         torch.testing.assert_close(w[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
-    for r1, r2 in zip(two["history"], resumed["history"], strict=True):
+    for h1, h2 in zip(ref_run["history"], resumed["history"], strict=True):
         for k in METRICS:
-            assert r2[k] == pytest.approx(r1[k], rel=1e-6, abs=1e-7), k
+            assert h2[k] == pytest.approx(h1[k], rel=1e-6, abs=1e-7), k
 
 
 def test_slice_randomness_gives_each_rank_its_rows_of_the_global_draw():
@@ -149,38 +182,24 @@ def test_single_process_hooks_are_the_identity():
     assert distributed.agree("x") == "x"
 
 
-def test_torchrun_experiment_writes_once_and_matches_one_process(tmp_path, data_root):
-    """``torchrun -m repro experiment``: rank 0 writes the run folders (under the same cache
-    keys as a one-process run), the standard model's metrics equal the one-process run's, and
-    a second torchrun reuses the finished runs on every rank (no rank trains alone)."""
-    args = ["-m", "repro", "experiment", "intro", "--preset", "smoke", "-p", "n_train", "600",
-            "-p", "n_test", "40", "-p", "eval_steps", "2", "-p", "eps_grid", "[0.0, 0.1]"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2"]
-    root = Path(__file__).resolve().parents[1]
-
-    def run(cmd, results):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "REPRO_RESULTS": str(results)}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout + out.stderr
-
-    log = run(torchrun + args, tmp_path / "two")
+def test_torchrun_experiment_writes_once_and_matches_one_process(two):
+    """``torchrun -m repro experiment`` (the command's code, in the spawn's processes): rank 0
+    writes the run it trains under the same cache key as a one-process run, the standard
+    model's metrics equal the one-process run's, and a finished run is reused on every rank
+    (no rank trains alone)."""
+    base, log = two["base"], two["log"]
     assert "finished in" in log and "on 2 processes" in log
-    run([sys.executable] + args, tmp_path / "one")
-    two = sorted(p.name for p in (tmp_path / "two" / "intro").iterdir())
-    one = sorted(p.name for p in (tmp_path / "one" / "intro").iterdir())
-    assert two == one and len(two) == 2
-    for name in two:
-        folder = tmp_path / "two" / "intro" / name
-        assert (folder / "DONE").exists() and not (folder / "train" / "checkpoint.pt").exists()
-        assert not list(folder.rglob("*.tmp*"))
-    std = next(n for n in two if n.startswith("standard"))
-    m1 = json.loads((tmp_path / "one" / "intro" / std / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "intro" / std / "metrics.json").read_text())
+    names = sorted(p.name for p in (base / "two" / "intro").iterdir())
+    assert names == sorted(p.name for p in (base / "one" / "intro").iterdir())
+    assert len(names) == 2
+    std = next(n for n in names if n.startswith("standard"))
+    folder = base / "two" / "intro" / std
+    assert (folder / "DONE").exists() and not (folder / "train" / "checkpoint.pt").exists()
+    assert not list(folder.rglob("*.tmp*"))
+    m1 = json.loads((base / "one" / "intro" / std / "metrics.json").read_text())
+    m2 = json.loads((folder / "metrics.json").read_text())
     assert m2["accuracy"] == pytest.approx(m1["accuracy"], abs=1e-9)
     h1, h2 = m1["training"]["history"], m2["training"]["history"]
     assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
-    again = run(torchrun + args, tmp_path / "two")
-    assert again.count("[cache] intro/") >= 2 * 2, "both runs reused on both ranks"
+    assert "[cache] intro/standard" not in log, "the standard model was trained on 2 ranks"
+    assert log.count("[cache] intro/pgd_at") >= 2, "the finished run reused on both ranks"
