@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+# key of a subset model's file that holds its wall time (s) rather than a correctness array
+WALL_TIME = "wall_time_s"
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -310,9 +314,12 @@ class SubsetEstimation:
             tmp.write_text(json.dumps(self._manifest()))
             os.replace(tmp, manifest)
 
-    def _save(self, k: int, arrays: dict) -> None:
+    def _save(self, k: int, arrays: dict, wall_time_s: float | None = None) -> None:
         tmp = self.folder / f".model_{k:04d}.{os.getpid()}.tmp.npz"
-        np.savez_compressed(tmp, **{n: np.asarray(v, dtype=bool) for n, v in arrays.items()})
+        out = {n: np.asarray(v, dtype=bool) for n, v in arrays.items()}
+        if wall_time_s is not None:  # what training and scoring this model cost (seconds)
+            out[WALL_TIME] = np.float64(wall_time_s)
+        np.savez_compressed(tmp, **out)
         os.replace(tmp, self.path(k))
 
     def run(self, train_one: Callable[[int, np.ndarray], dict] | None = None,
@@ -334,11 +341,13 @@ class SubsetEstimation:
         step = max(1, group) if train_many is not None else 1
         for start in range(0, len(todo), step):
             ks = todo[start:start + step]
+            t0 = time.time()
             outs = (train_many(ks, self.masks[ks]) if train_many is not None
                     else [train_one(ks[0], self.masks[ks[0]])])
+            each = (time.time() - t0) / len(ks)  # a batched group's time, shared evenly
             for k, arrays in zip(ks, outs):
                 if writer:
-                    self._save(k, arrays)
+                    self._save(k, arrays, wall_time_s=each)
             if log:
                 log(f"[memorization] models {ks} done ({len(self.done())}/{self.k} recorded)")
         return self.load()
@@ -352,15 +361,21 @@ class SubsetEstimation:
         return self.load()
 
     def load(self) -> dict[str, np.ndarray]:
-        """The stacked correctness arrays (K, ...) of the finished models, plus ``masks``."""
+        """The stacked correctness arrays (K, ...) of the finished models, plus ``masks`` and
+        ``wall_time_s`` (K,): each model's training and scoring time in seconds, NaN for a
+        model recorded before times were kept."""
         rows = self.done()
         if not rows:
             raise FileNotFoundError(f"no finished subset model in {self.folder}")
         stacked: dict[str, list] = {}
+        times = []
         for k in rows:
             with np.load(self.path(k)) as d:
+                times.append(float(d[WALL_TIME]) if WALL_TIME in d.files else np.nan)
                 for name in d.files:
-                    stacked.setdefault(name, []).append(d[name])
+                    if name != WALL_TIME:
+                        stacked.setdefault(name, []).append(d[name])
         out = {name: np.stack(v) for name, v in stacked.items()}
         out["masks"] = self.masks[rows]
+        out[WALL_TIME] = np.asarray(times)
         return out

@@ -196,7 +196,8 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
             runs[name] = {"folder": f"results/{src.name}", "device": prov.get("device"),
                           "commit": prov.get("commit"), "date": prov.get("date"),
                           "wall_time_s": prov.get("wall_time_s"), "torch": prov.get("torch"),
-                          "repro_version": prov.get("repro_version")}
+                          "repro_version": prov.get("repro_version"),
+                          "upstream_wall_time_s": _upstream_wall_time(src)}
         files = {str(p.relative_to(stage)): p.stat().st_size
                  for p in sorted(stage.rglob("*")) if p.is_file()}
         kept = keep_other_runs(dest / "results", stage / "results", preset,
@@ -215,7 +216,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
             "library_commit_at_publish": results.git_commit(),
             "computed": min((r["date"] for r in runs.values() if r["date"]), default=None),
             "published": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "compute_wall_time_s": round(sum(r["wall_time_s"] or 0 for r in runs.values()), 1),
+            **results.compute_time(runs.values()),
             "publish_experiment_s": round(experiment_s, 1),
             "notebook_execution_s": round(notebook_s, 1),
             "notebook": f"{chapter}.ipynb", "runs": runs, "kept_runs": kept,
@@ -236,6 +237,15 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
         f"{len(files)} files; compute {record['compute_wall_time_s'] / 60:.1f} min, "
         f"notebook {notebook_s:.0f}s)")
     return record
+
+
+def _upstream_wall_time(run_folder: Path) -> float | None:
+    """Seconds of unpublished inputs a run was derived from, as its metrics record them
+    (``upstream_wall_time_s``: BAT's memorization estimate and its subset models)."""
+    f = run_folder / "metrics.json"
+    if not f.exists():
+        return None
+    return json.loads(f.read_text()).get("upstream_wall_time_s")
 
 
 def record(chapter: str, root: Path | None = None) -> dict | None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from IPython.display import Markdown
 
+from repro import results
+
 
 def provenance_rows(result: dict) -> list[dict]:
     rows = []
@@ -20,7 +22,10 @@ def provenance_banner(result: dict) -> Markdown:
     rows = provenance_rows(result)
     devices = sorted({r["device"] for r in rows})
     commits = sorted({str(r["commit"]) for r in rows})
-    wall = sum(r["wall time (s)"] or 0 for r in rows)
+    wall = results.compute_time(
+        {"folder": run.get("path", name), "wall_time_s": run["provenance"].get("wall_time_s"),
+         "upstream_wall_time_s": (run.get("metrics") or {}).get("upstream_wall_time_s")}
+        for name, run in result["runs"].items())["compute_wall_time_s"]
     lines = [f"**Run:** preset `{cfg['preset']}`, seed {cfg.get('seed')}, "
              f"device {', '.join(devices)}, library commit {', '.join(commits)}, "
              f"computed {min(r['date'] for r in rows)[:10]}, {wall / 60:.1f} min of compute."]

@@ -180,6 +180,20 @@ def cached(chapter: str, name: str, config: dict,
     return run
 
 
+def compute_time(runs) -> dict:
+    """``compute_wall_time_s``: what computing a publication's runs took, each run folder
+    counted once (a result may list one run under two names, e.g. BAT's ``typical+1`` is
+    ``pgd_at``) and with the unpublished inputs they were derived from
+    (``upstream_wall_time_s``, also given alone)."""
+    seen = {}
+    for r in runs:  # dicts with folder, wall_time_s and (optional) upstream_wall_time_s
+        seen[r["folder"]] = r
+    own = sum(r.get("wall_time_s") or 0 for r in seen.values())
+    upstream = sum(r.get("upstream_wall_time_s") or 0 for r in seen.values())
+    return {"compute_wall_time_s": round(own + upstream, 1),
+            "upstream_wall_time_s": round(upstream, 1)}
+
+
 def clear(chapter: str) -> None:
     """Delete a chapter's local results (published ones are kept)."""
     shutil.rmtree(results_root() / chapter, ignore_errors=True)

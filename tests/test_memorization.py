@@ -114,6 +114,25 @@ def test_subset_estimation_resumes(tmp_path):
         M.SubsetEstimation(tmp_path / "mem", n=11, k=4, seed=0).run(train_one)
 
 
+def test_subset_estimation_records_each_models_wall_time(tmp_path):
+    """Every model's training time is kept beside its arrays (a sharded run's merge alone
+    takes no time), and models recorded before times were kept read as NaN."""
+    import time
+
+    def train_one(k, mask):
+        time.sleep(0.05 * (k + 1))
+        return {"train_clean": mask.copy()}
+
+    est = M.SubsetEstimation(tmp_path / "mem", n=10, k=3, seed=0)
+    est.run(train_one, shard=(0, 3))
+    np.savez_compressed(est.path(1), train_clean=est.masks[1])  # a model from older code
+    out = est.run(train_one)
+    t = out[M.WALL_TIME]
+    assert t.shape == (3,) and np.isnan(t[1])
+    assert 0.05 <= t[0] < 0.1 + 0.5 and 0.15 <= t[2] < 0.2 + 0.5
+    assert out["train_clean"].dtype == bool and M.WALL_TIME not in ("train_clean", "masks")
+
+
 def test_split_half_reliability_tracks_the_noise():
     """Half-vs-half agreement of the estimate: high when memorization is planted strongly
     and K is large, lower with fewer models, about 0 when there is nothing to estimate; the

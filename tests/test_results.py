@@ -49,3 +49,13 @@ def test_key_depends_on_library_version(monkeypatch):
     k1 = results.config_key({"a": 1})
     monkeypatch.setattr(repro, "__version__", "9.9.9")
     assert results.config_key({"a": 1}) != k1
+
+
+def test_compute_time_counts_each_folder_once_with_its_upstream():
+    runs = [{"folder": "results/pgd_at-1", "wall_time_s": 300.0},
+            {"folder": "results/pgd_at-1", "wall_time_s": 300.0},   # typical+1 is pgd_at
+            {"folder": "results/memorization-2", "wall_time_s": 0.2,
+             "upstream_wall_time_s": 420.0},                        # its subset models
+            {"folder": "results/proxy-3", "wall_time_s": None}]
+    assert results.compute_time(runs) == {"compute_wall_time_s": 720.2,
+                                          "upstream_wall_time_s": 420.0}
