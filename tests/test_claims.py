@@ -343,3 +343,11 @@ def test_published_laptop_he_and_advprop_are_below_their_floors():
         for c in claims.claims_for(chapter):
             o = c.judge(loaded[1])
             assert o.verdict == claims.INCONCLUSIVE and o.floor_met is False, c.id
+
+
+def test_proportion_se_is_binomial_inside_and_positive_at_the_edges():
+    mid = claims.proportion(0.5, 10_000)
+    assert abs(mid.se - 0.5) < 0.001           # Wald: 100·√(0.25/10000) = 0.5 points
+    full = claims.proportion(1.0, 960)          # LMT's 960/960 tight certificates
+    assert 0.1 < full.se < 0.3 and full.mde > 0.3
+    assert full.interval[0] < 100 and full.interval[0] > 99.0
