@@ -220,7 +220,10 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     bf16 instructions, Apple's MPS, whose bf16 support depends on the macOS version and was
     not measured). The environment variable ``REPRO_AMP`` (``fp32`` or ``bf16``) overrides
     what "auto" picks, e.g. ``REPRO_AMP=fp32`` to rerun a chapter exactly as its published
-    fp32 runs on a CPU that would pick bf16.
+    fp32 runs on a CPU that would pick bf16. ``REPRO_COMPILE=1`` (or ``0``) turns
+    ``torch.compile`` of the training steps on (off) whatever ``cfg.compile`` says: like the
+    precision it is not part of a run's cache key (fp32 math, fused), and the record says
+    whether it ran.
 
     ``channels_last="auto"`` is on for CUDA only. On the CPU it is off: measured on a 2-core
     AVX2 EPYC (torch 2.13, fp32, loaded machine) it gained 5-15% on a PGD-10 training step of
@@ -265,8 +268,15 @@ def resolve_precision(cfg: TrainConfig, device) -> dict:
     cl = cfg.channels_last
     if cl == "auto":
         cl = device.type == "cuda"
+    compiled = bool(cfg.compile)
+    env = os.environ.get("REPRO_COMPILE", "").strip().lower()
+    if env:
+        if env not in ("0", "1"):
+            raise ValueError(f"REPRO_COMPILE must be 0 or 1, got {env!r}")
+        compiled = env == "1"
+        why += f"; REPRO_COMPILE={env}"
     return {"device": str(device), "amp": amp, "channels_last": bool(cl),
-            "compile": bool(cfg.compile), "why": why}
+            "compile": compiled, "why": why}
 
 
 def _warn_onednn_1x1(model: nn.Module) -> None:
@@ -514,10 +524,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     if par.is_writer:
         _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)
 
-    if cfg.compile:
-        model.compile()
-
-    net = par.wrap(model, device)  # DDP in a process group; the model itself otherwise
+    # torch.compile wraps the training steps only: validation and the final evaluation run
+    # the uncompiled module (an attack's many batch sizes would each recompile)
+    net = par.wrap(torch.compile(model) if precision["compile"] else model, device)
 
     def save_checkpoint():
         saved_sums = par.mean_dict(sums)  # over the ranks: every rank resumes with the same sums

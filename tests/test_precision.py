@@ -68,6 +68,36 @@ def test_resolve_precision_choices(monkeypatch):
     assert isinstance(train.autocast_context(TrainConfig(amp="bf16"), "cpu"), torch.autocast)
 
 
+def test_repro_compile_overrides_the_config(monkeypatch):
+    assert train.resolve_precision(TrainConfig(), "cpu")["compile"] is False
+    monkeypatch.setenv("REPRO_COMPILE", "1")
+    on = train.resolve_precision(TrainConfig(), "cpu")
+    assert on["compile"] is True and "REPRO_COMPILE=1" in on["why"]
+    monkeypatch.setenv("REPRO_COMPILE", "0")
+    assert train.resolve_precision(TrainConfig(compile=True), "cpu")["compile"] is False
+    monkeypatch.setenv("REPRO_COMPILE", "yes")
+    with pytest.raises(ValueError, match="REPRO_COMPILE"):
+        train.resolve_precision(TrainConfig(), "cpu")
+
+
+def test_compiled_training_steps_match_eager_and_leave_the_model_uncompiled(tmp_path, mnist,
+                                                                            monkeypatch):
+    """REPRO_COMPILE=1 compiles the training steps only: the same losses as eager to float
+    tolerance, and the returned model (validation, final evaluation) is not compiled."""
+    ds = mnist.limit(n_train=60, n_val=0)
+    cfg = TrainConfig(steps=3, batch_size=20, lr=0.01, augment=False, val_every=0)
+    obj = objectives.fgsm_rs(0.3, 0.375)
+    eager_model = _model(mnist)
+    eager = train.train(eager_model, obj, ds, cfg, tmp_path / "eager", progress=False)
+    monkeypatch.setenv("REPRO_COMPILE", "1")
+    model = _model(mnist)
+    compiled = train.train(model, obj, ds, cfg, tmp_path / "compiled", progress=False)
+    assert compiled.precision["compile"] is True and eager.precision["compile"] is False
+    assert not hasattr(model, "_orig_mod") and model._compiled_call_impl is None
+    for a, b in zip(eager_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_channels_last_cpu_warns_about_onednn_1x1_bug():
     """oneDNN #6035: channels_last 1x1 strided convs with < 16 input channels get wrong weight
     gradients (this machine crashed at width 4), so forcing channels_last there warns."""
