@@ -2,21 +2,34 @@
 with ``amp="fp32"`` and ``amp="bf16"`` for each seed, evaluate every model in fp32 on the same
 test images, and print a table.
 
-The laptop-scale comparison (issue 17; the numbers go into book/how-to-run.md), on a CPU with
-native bf16 (AVX512_BF16 / AMX_BF16) or a GPU:
+Two recipes (``--recipe``):
 
-    python tools/bf16_vs_fp32.py --epochs 10 --width 16 --seeds 0 1 --n-test 2000
+- ``cifar-fgsm-rs`` (default): FGSM-RS (Wong et al. 2020: eps 8/255, step 10/255, uniform
+  random start), PreAct-ResNet-18 of base width ``--width``, the full CIFAR-10 training set
+  (``--n-train`` cuts it), batch 128, SGD momentum 0.9, weight decay 5e-4, one-cycle learning
+  rate peaking at 0.2, random crop + flip. Evaluated with PGD-``--pgd-steps`` (eps 8/255,
+  step 2/255). The laptop-scale comparison of issue 17, for a CPU with native bf16
+  (AVX512_BF16 / AMX_BF16) or a GPU:
 
-Recipe (defaults): FGSM-RS (Wong et al. 2020: eps 8/255, step 10/255, uniform random start),
-PreAct-ResNet-18 of base width ``--width``, the full CIFAR-10 training set (``--n-train`` cuts
-it), batch 128, SGD momentum 0.9, weight decay 5e-4, one-cycle learning rate peaking at 0.2,
-the final weights (no checkpoint selection). Evaluation, in fp32 for every model: clean
-accuracy and PGD-``--pgd-steps`` (L-inf, eps 8/255, step 2/255, one random start from a fixed
-generator) on the first ``--n-test`` test images, identical for every model.
+      python tools/bf16_vs_fp32.py --epochs 10 --width 16 --seeds 0 1 --n-test 2000
+
+- ``mnist-pgd``: the intro chapter's PGD-AT recipe (``repro.experiments.intro``): its small
+  CNN on all of MNIST, PGD-10 training attack (eps 0.1, step 2.5·eps/10), Adam 1e-3, batch
+  100, learning rate × 0.1 after 3/4 of training, no augmentation. Evaluated with
+  PGD-``--pgd-steps`` (eps 0.1, step 2.5·eps/steps). Small enough to compare on a CPU that
+  emulates bf16 (the 2-core AVX2 machine of this project: about 9× slower than fp32 for
+  this network):
+
+      python tools/bf16_vs_fp32.py --recipe mnist-pgd --epochs 1 --seeds 0 1 --n-test 2000 --pgd-steps 40
+
+Every model is evaluated the same way: clean accuracy and PGD with one random start from a
+fixed generator, in fp32, on the first ``--n-test`` test images, identical for every model;
+the table gives bf16 − fp32 paired per seed and the seed-to-seed SD of the fp32 runs.
 
 Runs are resumable and cached under ``--out`` (default ``results/bf16_vs_fp32``): one folder
 per (precision, seed, recipe); rerunning prints the table from the finished runs. The table is
-also written to ``<out>/summary.json``. A toy run that only proves the script works:
+also written to ``<out>/summary.json`` (``<out>/<recipe>/summary.json`` for ``mnist-pgd``).
+A toy run that only proves the script works:
 
     python tools/bf16_vs_fp32.py --toy
 """
@@ -36,29 +49,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repro import attacks, data, evaluate, models, objectives, results, train  # noqa: E402
 
-EPS, FGSM_ALPHA, PGD_ALPHA = 8 / 255, 10 / 255, 2 / 255
+EPS, FGSM_ALPHA, PGD_ALPHA = 8 / 255, 10 / 255, 2 / 255     # cifar-fgsm-rs
+MNIST_EPS, MNIST_TRAIN_STEPS = 0.1, 10                       # mnist-pgd (the intro chapter)
 
 
 def train_one(amp: str, seed: int, args, ds, device) -> tuple[torch.nn.Module, train.TrainResult]:
-    recipe = {"amp": amp, "seed": seed, "width": args.width, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "n_train": len(ds.y_train),
-              "objective": "fgsm_rs", "eps": EPS, "alpha": FGSM_ALPHA}
+    if args.recipe == "mnist-pgd":
+        alpha = 2.5 * MNIST_EPS / MNIST_TRAIN_STEPS
+        recipe = {"recipe": args.recipe, "amp": amp, "seed": seed, "width": args.width,
+                  "epochs": args.epochs, "n_train": len(ds.y_train), "objective": "pgd_at",
+                  "eps": MNIST_EPS, "alpha": alpha, "steps": MNIST_TRAIN_STEPS}
+        cfg = train.TrainConfig(epochs=args.epochs, batch_size=100, optimizer="adam", lr=1e-3,
+                                weight_decay=0.0, schedule="multistep", milestones=(0.75,),
+                                seed=seed, augment=False, amp=amp, val_every=0)
+        objective = objectives.pgd_at(eps=MNIST_EPS, alpha=alpha, steps=MNIST_TRAIN_STEPS)
+        torch.manual_seed(seed)
+        model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=args.width)
+    else:
+        recipe = {"amp": amp, "seed": seed, "width": args.width, "epochs": args.epochs,
+                  "batch_size": args.batch_size, "lr": args.lr, "n_train": len(ds.y_train),
+                  "objective": "fgsm_rs", "eps": EPS, "alpha": FGSM_ALPHA}
+        cfg = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                momentum=0.9, weight_decay=5e-4, schedule="onecycle", seed=seed,
+                                augment=True, amp=amp, val_every=0)
+        objective = objectives.fgsm_rs(EPS, FGSM_ALPHA)
+        torch.manual_seed(seed)
+        model = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=args.width)
     run_dir = Path(args.out) / f"{amp}-s{seed}-{results.config_key(recipe)}"
-    cfg = train.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            momentum=0.9, weight_decay=5e-4, schedule="onecycle", seed=seed,
-                            augment=True, amp=amp, val_every=0)
-    torch.manual_seed(seed)
-    model = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=args.width)
-    result = train.train(model, objectives.fgsm_rs(EPS, FGSM_ALPHA), ds, cfg, run_dir,
-                         device=device, progress=args.progress)
+    result = train.train(model, objective, ds, cfg, run_dir, device=device,
+                         progress=args.progress)
     return model, result
 
 
 def evaluate_fp32(model, ds, args, device) -> dict:
-    pgd = functools.partial(attacks.pgd, eps=EPS, alpha=PGD_ALPHA, steps=args.pgd_steps,
+    eps = MNIST_EPS if args.recipe == "mnist-pgd" else EPS
+    alpha = 2.5 * eps / args.pgd_steps if args.recipe == "mnist-pgd" else PGD_ALPHA
+    pgd = functools.partial(attacks.pgd, eps=eps, alpha=alpha, steps=args.pgd_steps,
                             generator=torch.Generator().manual_seed(1234))
     res = evaluate.robust_eval(model.to(device).eval(), ds.x_test, ds.y_test, {"pgd": pgd},
-                               device=device, progress=False, threat=("linf", EPS))
+                               device=device, progress=False, threat=("linf", eps))
     return {"clean": res.clean, "pgd": res.per_attack["pgd"]}
 
 
@@ -71,8 +100,11 @@ def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=("cifar-fgsm-rs", "mnist-pgd"), default="cifar-fgsm-rs")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--width", type=int, default=None,
+                   help="PreAct-ResNet-18 base width (default 16) or the small CNN's (default: "
+                        "the intro chapter's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--n-train", type=int, default=None, help="default: the full training set")
     p.add_argument("--n-test", type=int, default=2000)
@@ -87,10 +119,14 @@ def main(argv=None) -> int:
                    help="a ~1-minute run that proves the script works: 256 training images, "
                         "width 4, 1 epoch, 100 test images, PGD-3 (its numbers mean nothing)")
     args = p.parse_args(argv)
+    if args.recipe == "cifar-fgsm-rs" and args.width is None:
+        args.width = 16
     if args.toy:
         args.n_train, args.width, args.epochs, args.n_test = 256, 4, 1, 100
         args.batch_size, args.pgd_steps = 64, 3
         args.out = str(Path(args.out) / "toy")
+    if args.recipe != "cifar-fgsm-rs":
+        args.out = str(Path(args.out) / args.recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = train.resolve_device(args.device)
@@ -98,7 +134,8 @@ def main(argv=None) -> int:
     if not native:
         print(f"note: {device} has no native bf16 here, so the bf16 runs are emulated (slow); "
               f"the comparison is meant for a machine where amp='auto' picks bf16", flush=True)
-    ds = data.load("cifar10").limit(n_train=args.n_train, n_val=0, n_test=args.n_test)
+    name = "mnist" if args.recipe == "mnist-pgd" else "cifar10"
+    ds = data.load(name).limit(n_train=args.n_train, n_val=0, n_test=args.n_test)
 
     rows, outcomes = [], {}
     for seed in args.seeds:
@@ -124,9 +161,14 @@ def main(argv=None) -> int:
             accs = [float(outcomes["fp32", s][k].mean()) for s in args.seeds]
             seed_noise[k] = float(np.std(accs, ddof=1))
 
-    print(f"\nFGSM-RS PreAct-ResNet-18 width {args.width}, CIFAR-10 n_train {len(ds.y_train)}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {device}; evaluated in fp32 on the "
-          f"first {len(ds.y_test)} test images (PGD-{args.pgd_steps}, eps 8/255)")
+    if args.recipe == "mnist-pgd":
+        print(f"\nPGD-10 AT (eps 0.1) small CNN (width {args.width or 'default'}), MNIST n_train "
+              f"{len(ds.y_train)}, {args.epochs} epochs, batch 100, Adam, {device}; evaluated "
+              f"in fp32 on the first {len(ds.y_test)} test images (PGD-{args.pgd_steps}, eps 0.1)")
+    else:
+        print(f"\nFGSM-RS PreAct-ResNet-18 width {args.width}, CIFAR-10 n_train {len(ds.y_train)}, "
+              f"{args.epochs} epochs, batch {args.batch_size}, {device}; evaluated in fp32 on the "
+              f"first {len(ds.y_test)} test images (PGD-{args.pgd_steps}, eps 8/255)")
     print(f"{'amp':5s} {'seed':>4s} {'clean':>8s} {'PGD':>8s} {'train s':>8s}")
     for r in rows:
         print(f"{r['amp']:5s} {r['seed']:4d} {100 * r['clean']:7.2f}% {100 * r['pgd']:7.2f}% "
