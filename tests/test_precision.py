@@ -276,3 +276,21 @@ def test_train_benchmark_reports_what_the_trainer_ran(cifar10):
     assert r["reference_img_s"] > 0 and r["repro_img_s"] > 0 and len(r["speedup_per_round"]) == 2
     assert len(r["repro_warmup_s"]) == 2 and r["timed_steps"] == 2
     assert r["speedup_cpu_time"] > 0 and r["repro_img_per_cpu_s"] > 0
+
+
+def test_bf16_vs_fp32_tool_trains_both_precisions_and_judges_in_fp32(tmp_path, data_root):
+    """tools/bf16_vs_fp32.py (the issue-17 comparison) at toy size: one run per precision,
+    each recorded as what it ran, both evaluated on the same test images."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bf16_vs_fp32", Path(__file__).resolve().parents[1] / "tools" / "bf16_vs_fp32.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--recipe", "mnist-pgd", "--toy", "--seeds", "0", "--device", "cpu",
+                      "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "toy" / "mnist-pgd" / "summary.json").read_text())
+    ran = {r["amp"]: r["precision"]["amp"] for r in summary["rows"]}
+    assert ran == {"fp32": "fp32", "bf16": "bf16"}
+    (diff,) = summary["paired_bf16_minus_fp32"]
+    assert set(diff) == {"seed", "clean_diff", "pgd_diff"}
+    assert all(0 <= r["clean"] <= 1 and r["pgd"] <= r["clean"] for r in summary["rows"])
