@@ -301,7 +301,10 @@ def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: in
     steps = n // batch_size if drop_last else -(-n // batch_size)
     for step in range(start_step, steps):
         idx = order[step * batch_size:(step + 1) * batch_size].to(x.device)
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        # non_blocking only towards CUDA: a non-blocking copy *from* CUDA to the CPU lands in
+        # pinned memory and returns before the data is there (augment would read garbage)
+        nb = device.type == "cuda"
+        xb, yb = x[idx].to(device, non_blocking=nb), y[idx].to(device, non_blocking=nb)
         if augment_images:
             xb = augment(xb, generator=batch_generator(seed, epoch, step))
         yield to_float(xb), yb

@@ -126,7 +126,9 @@ def train_ensemble(models: Sequence[nn.Module], x_train: torch.Tensor, y_train: 
     start_epoch = 0
     ckpt = Path(folder) / "ensemble.pt" if folder is not None else None
     if ckpt is not None and ckpt.exists():
-        state = train_lib.load_checkpoint(ckpt, map_location=device)
+        # onto the CPU, as the trainer: load_state_dict / copy_ put everything on the device
+        # (Adam's step counters stay CPU tensors, as a fresh non-capturable Adam keeps them)
+        state = train_lib.load_checkpoint(ckpt, map_location="cpu")
         if state.get("seeds") != list(seeds) or state.get("config") != cfg.to_dict():
             raise train_lib.CheckpointError(f"{ckpt} was written for other models or settings")
         with torch.no_grad():

@@ -424,14 +424,17 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore ``_rng_state``'s record. Every generator state is a CPU ByteTensor (also the
+    CUDA one: ``torch.cuda.set_rng_state`` raises "RNG state must be a torch.ByteTensor" for a
+    tensor on the GPU), so a record loaded with ``map_location=<cuda>`` is moved back first."""
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
     elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 def _value(v, device) -> torch.Tensor:
@@ -503,7 +506,11 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     counted, epoch_seconds, total_seconds = 0, 0.0, 0.0
     resumed_from = None
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        # onto the CPU, whatever the device: the RNG states must stay CPU ByteTensors
+        # (torch.set_rng_state / torch.cuda.set_rng_state refuse any other tensor, and the
+        # numpy state goes through .numpy()); the model, optimiser, objective state and sums
+        # are copied onto ``device`` as they are loaded below
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         _check_compatible(ckpt_path, ckpt, model, cfg, objective_config)
         _check_same_precision(ckpt_path, ckpt, cfg, device, precision)
         try:

@@ -131,3 +131,20 @@ def test_bat_laptop_small_cnn_does_not_collapse(cifar10, tmp_path, seed):
     assert (feats > 0).any(0).float().mean() > 0.05          # some units still alive
     assert len(logits.argmax(1).unique()) >= 4                # not a constant prediction
     assert (logits.argmax(1) == ds.y_test).float().mean() > 0.12    # chance: 0.1
+
+
+def test_discrimination_loss_is_float32_under_bf16_autocast(cifar10):
+    """On CUDA the trainer runs BAT's step under bf16 autocast, which ran the loss's
+    similarity matmul in bf16 (a bf16 loss, ~0.1% off); it is now the fp32 value exactly."""
+    torch.manual_seed(0)
+    model = build("small_cnn", 10, mean_std=cifar10.mean_std, width=4, in_size=32, norm="bn")
+    x, y = cifar10.x_train[:64].float() / 255, cifar10.y_train[:64]
+    with torch.no_grad():
+        feats = model.features(x)
+    want = losses.discrimination_loss(feats, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = losses.discrimination_loss(feats, y)
+        from_bf16 = losses.discrimination_loss(feats.bfloat16(), y)  # bf16 activations
+    assert got.dtype == torch.float32 and got.item() == want.item()
+    assert from_bf16.dtype == torch.float32
+    assert from_bf16.item() == pytest.approx(want.item(), rel=1e-2)

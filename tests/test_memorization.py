@@ -318,3 +318,29 @@ def test_bench_ensemble_runs(capsys):
                      "--batch-size", "8", "--steps", "2", "--width", "4"]) == 0
     out = capsys.readouterr().out
     assert "ensemble M=  2:" in out and "trainer, one model:" in out
+
+
+def test_batched_ensemble_trains_under_bf16_autocast(cifar100):
+    """On CUDA the ensemble trains under bf16 autocast (amp="auto", as the trainer): vmapped
+    BN models under autocast keep float32 parameters and buffers, and their updates follow the
+    fp32 ensemble's (same subsets, seeds and crops) to bf16 tolerance."""
+    import dataclasses
+    import torch
+    from repro import ensemble, train
+    ds = cifar100.limit(n_train=120, n_val=0, n_test=40)
+    subsets = [np.flatnonzero(m) for m in M.subset_masks(120, 2, 0.7, seed=0)]
+    cfg = train.TrainConfig(epochs=1, batch_size=28, lr=0.05, augment=True, val_every=0,
+                            val_size=0, amp="fp32")
+    start = _bn_cnn(ds, 5).state_dict()["conv1.weight"]
+    deltas = {}
+    for amp in ("fp32", "bf16"):
+        ens = ensemble.train_ensemble([_bn_cnn(ds, 5), _bn_cnn(ds, 6)], ds.x_train, ds.y_train,
+                                      subsets, [5, 6], dataclasses.replace(cfg, amp=amp),
+                                      device="cpu")
+        assert all(v.dtype == torch.float32 for v in ens.params.values())
+        assert all(v.dtype in (torch.float32, torch.int64) for v in ens.buffers.values())
+        assert ensemble.correct(ens, ds.x_test, ds.y_test, device="cpu").shape == (2, 40)
+        deltas[amp] = (ens.params["conv1.weight"][0].detach() - start).flatten()
+    assert deltas["fp32"].abs().max() > 1e-3  # the weights moved
+    cos = torch.nn.functional.cosine_similarity(deltas["fp32"], deltas["bf16"], dim=0)
+    assert cos > 0.95, cos

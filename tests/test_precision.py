@@ -294,3 +294,78 @@ def test_bf16_vs_fp32_tool_trains_both_precisions_and_judges_in_fp32(tmp_path, d
     (diff,) = summary["paired_bf16_minus_fp32"]
     assert set(diff) == {"seed", "clean_diff", "pgd_diff"}
     assert all(0 <= r["clean"] <= 1 and r["pgd"] <= r["clean"] for r in summary["rows"])
+
+
+def test_resume_reads_the_checkpoint_onto_the_cpu(tmp_path, mnist, monkeypatch):
+    """A CUDA run that resumes: ``torch.load(map_location=<cuda>)`` put the checkpoint's RNG
+    states on the GPU, where ``torch.set_rng_state`` / ``torch.cuda.set_rng_state`` refuse
+    them (shown below with a meta tensor, the CPU's stand-in for a non-CPU one) and the numpy
+    state's ``.numpy()`` raises; Adam's ``step`` counters would also land on the GPU. So the
+    trainer reads the checkpoint onto the CPU and copies weights, optimiser state and sums onto
+    its device itself. (The CUDA failure itself needs a GPU; this pins the contract.)"""
+    with pytest.raises(TypeError, match="ByteTensor"):
+        torch.set_rng_state(torch.get_rng_state().to("meta"))
+    ds = mnist.limit(n_train=100, n_val=0)
+    cfg = TrainConfig(steps=4, batch_size=20, lr=0.01, augment=False, checkpoint_every=2,
+                      val_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_model(mnist), _StopAt(3), ds, cfg, tmp_path, progress=False)
+    seen, real = [], train.load_checkpoint
+    monkeypatch.setattr(train, "load_checkpoint",
+                        lambda path, map_location=None: seen.append(map_location)
+                        or real(path, map_location=map_location))
+    result = train.train(_model(mnist), _StopAt(), ds, cfg, tmp_path, progress=False)
+    assert result.resumed_from == 2 and seen == ["cpu"]
+
+
+def _bf16_cases():
+    """Every chapter's (model, objective) pair as the gpu presets train them, shrunk: on CUDA
+    the trainer's amp="auto" is bf16 autocast, which the CPU suite runs only when forced."""
+    he = objectives.default_he
+    atyp = torch.arange(40) % 3 == 0
+    return {
+        "intro-pgd_at": ("linear", "none", lambda: objectives.pgd_at(steps=2)),
+        "he-pgd_at_he": ("hypersphere", "bn", lambda: objectives.build("pgd_at_he", steps=2)),
+        "he-trades": ("linear", "bn", lambda: objectives.build("trades", steps=2)),
+        "he-trades_he": ("hypersphere", "bn", lambda: objectives.build("trades_he", steps=2)),
+        "he-alp_he": ("hypersphere", "bn", lambda: objectives.build("alp_he", steps=2)),
+        "fgsm_rs_he-graph": ("hypersphere_graph", "bn",
+                             lambda: objectives.build("fgsm_rs_he", weight_norm="graph")),
+        "advprop": ("linear", "dual_bn", lambda: objectives.advprop(eps=2 / 255, steps=2)),
+        "advprop-port": ("linear", "dual_bn",
+                         lambda: objectives.advprop(eps=2 / 255, steps=2, attacker="port")),
+        "advprop-shared_bn": ("linear", "bn",
+                              lambda: objectives.advprop_shared_bn(eps=2 / 255, steps=2)),
+        "bat": ("linear", "bn", lambda: objectives.bat(atyp, steps=2)),
+        "bat_he": ("hypersphere", "bn", lambda: objectives.bat(atyp, steps=2, he=he("bat"))),
+        "lmt_plus": ("linear", "none", lambda: objectives.lmt(c=1.0, plus=True, power_steps=2,
+                                                              linear_steps=3, block=2)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bf16_cases()))
+def test_objectives_under_bf16_autocast_keep_float32_losses(case, mnist):
+    """One training step of each chapter's objective under CPU bf16 autocast (the CUDA
+    default): the loss and every logged value are finite float32 (the losses are computed in
+    float32 from bf16 activations), gradients reach every trainable weight in float32, and
+    the loss is the fp32 step's to bf16 tolerance."""
+    head, norm, make = _bf16_cases()[case]
+    x, y = mnist.x_train[:40].float() / 255, mnist.y_train[:40]
+    batch = objectives.Batch(x, y, torch.arange(40))
+    out = {}
+    for amp in ("fp32", "bf16"):  # the same initial weights and BN statistics for both
+        torch.manual_seed(0)
+        model = models.build("small_cnn", 10, mean_std=mnist.mean_std, width=4, norm=norm,
+                             head=head).train()
+        obj, state = make(), objectives.StepState(0, 0, 10, 10, torch.Generator().manual_seed(3))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss, logs = obj(model, batch, state)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), (amp, loss)
+        for k, v in logs.items():
+            if torch.is_tensor(v):
+                assert v.dtype == torch.float32 and torch.isfinite(v), (amp, k, v)
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        out[amp] = loss.item()
+    assert out["bf16"] == pytest.approx(out["fp32"], rel=0.05), out
