@@ -19,19 +19,28 @@ def data_root():
     return root
 
 
-@pytest.fixture(scope="session")
-def mnist(data_root):
-    return data.load("mnist", data_root)
+def _dataset(name):
+    # only the dataset asked for: a GPU window stages just the ones its pieces need, and
+    # tests/test_cuda.py runs there with MNIST and CIFAR-10 alone
+    root = data.data_root()
+    if not (root / f"{name}.npz").exists():
+        data.prepare_offline(root, [name])
+    return data.load(name, root)
 
 
 @pytest.fixture(scope="session")
-def cifar10(data_root):
-    return data.load("cifar10", data_root)
+def mnist():
+    return _dataset("mnist")
 
 
 @pytest.fixture(scope="session")
-def cifar100(data_root):
-    return data.load("cifar100", data_root)
+def cifar10():
+    return _dataset("cifar10")
+
+
+@pytest.fixture(scope="session")
+def cifar100():
+    return _dataset("cifar100")
 
 
 @pytest.fixture(scope="session")

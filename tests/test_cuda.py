@@ -95,10 +95,10 @@ def test_objectives_step_under_device_bf16_autocast(mnist, device):
     assert not failures, failures
 
 
-def test_ensemble_on_the_device(tmp_path, cifar100, device):
+def test_ensemble_on_the_device(tmp_path, cifar10, device):
     """BAT's subset models as one vmapped BN ensemble under the device's default precision
     (bf16 autocast on CUDA): trains, resumes from its epoch checkpoint, and scores."""
-    ds = cifar100.limit(n_train=120, n_val=0, n_test=40)
+    ds = cifar10.limit(n_train=120, n_val=0, n_test=40)  # the first window stages CIFAR-10
     subsets = [np.arange(0, 84), np.arange(36, 120)]
     cfg = TrainConfig(epochs=2, batch_size=28, lr=0.05, augment=True, val_every=0, val_size=0)
     ens = ensemble.train_ensemble([_cnn(ds, 1, norm="bn"), _cnn(ds, 2, norm="bn")], ds.x_train,
