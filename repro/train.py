@@ -485,8 +485,6 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
         if device.type == "cpu":
             _warn_onednn_1x1(model)
         model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     if device.type in ("cuda", "mps"):
         dataset = dataset.to(device)           # once: batches are indexed and augmented there
     x_train, y_train = dataset.x_train, dataset.y_train
@@ -553,6 +551,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
     bar = _progress_bar(total_steps, global_step, run_dir.name, progress)
     t_piece, last_refresh = time.perf_counter(), 0.0
     model.train()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     try:
         while global_step < total_steps:
             epoch, start = divmod(global_step, steps_per_epoch)
@@ -620,6 +621,9 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
                     break
     finally:
         bar.close()
+        # back as it was: the evaluation after training feeds many batch shapes (DeepFool's
+        # shrinking active set, AutoAttack's subsets), and cuDNN would re-tune for each
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
     if not par.is_writer:  # rank 0 writes the result; every rank returns it, final weights loaded
         par.barrier()

@@ -57,7 +57,10 @@ def test_resume_on_the_device(tmp_path, mnist, device):
     cfg = TrainConfig(steps=6, batch_size=40, lr=0.05, augment=True,
                       checkpoint_every=2, val_size=20, val_steps=1)
     whole = _cnn(mnist, norm="bn")
+    torch.backends.cudnn.benchmark = False
     train.train(whole, _StopAt(), ds, cfg, tmp_path / "whole", device=device, progress=False)
+    # on only for the fixed-shape training steps: evaluation's many shapes would each re-tune
+    assert torch.backends.cudnn.benchmark is False
     with pytest.raises(KeyboardInterrupt):
         train.train(_cnn(mnist, norm="bn"), _StopAt(3), ds, cfg, tmp_path / "cut",
                     device=device, progress=False)
