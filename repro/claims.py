@@ -185,12 +185,9 @@ def proportion(p: float, n: int, basis: str = "") -> Estimate:
     1998). Away from 0 and 1 it equals the Wald SE √(p(1 − p)/n) to within 4/n; at 0 or 1
     (e.g. 960 of 960 certificates within a bound) it stays positive, where the Wald SE of 0
     would claim an exact value and a detectable effect of 0."""
-    se = math.sqrt(_plus_four(p, n) * (1 - _plus_four(p, n)) / (n + 4)) if n > 0 else float("nan")
+    p4 = (p * n + 2) / (n + 4)
+    se = math.sqrt(p4 * (1 - p4) / (n + 4)) if n > 0 else float("nan")
     return Estimate(100 * p, 100 * se, n=n, basis=basis or f"accuracy on {n} test images")
-
-
-def _plus_four(p: float, n: int) -> float:
-    return (p * n + 2) / (n + 4)
 
 
 def exact(value: float, n: int = 0, basis: str = "") -> Estimate:

@@ -17,10 +17,10 @@ Two recipes (``--recipe``):
   CNN on all of MNIST, PGD-10 training attack (eps 0.1, step 2.5·eps/10), Adam 1e-3, batch
   100, learning rate × 0.1 after 3/4 of training, no augmentation. Evaluated with
   PGD-``--pgd-steps`` (eps 0.1, step 2.5·eps/steps). Small enough to compare on a CPU that
-  emulates bf16 (the 2-core AVX2 machine of this project: about 9× slower than fp32 for
-  this network):
+  emulates bf16 (the 2-core AVX2 machine of this project: about 4.5× slower than fp32 for
+  this recipe; the run below took 32 min there, book/how-to-run.md has its table):
 
-      python tools/bf16_vs_fp32.py --recipe mnist-pgd --epochs 1 --seeds 0 1 --n-test 2000 --pgd-steps 40
+      python tools/bf16_vs_fp32.py --recipe mnist-pgd --epochs 3 --seeds 0 1 --n-test 2000 --pgd-steps 40
 
 Every model is evaluated the same way: clean accuracy and PGD with one random start from a
 fixed generator, in fp32, on the first ``--n-test`` test images, identical for every model;
@@ -36,6 +36,7 @@ A toy run that only proves the script works:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -48,21 +49,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repro import attacks, data, evaluate, models, objectives, results, train  # noqa: E402
+from repro.experiments import intro  # noqa: E402
 
 EPS, FGSM_ALPHA, PGD_ALPHA = 8 / 255, 10 / 255, 2 / 255     # cifar-fgsm-rs
-MNIST_EPS, MNIST_TRAIN_STEPS = 0.1, 10                       # mnist-pgd (the intro chapter)
+MNIST_EPS = intro.SPEC.resolve("laptop")["eps"]              # mnist-pgd: the intro chapter's
 
 
 def train_one(amp: str, seed: int, args, ds, device) -> tuple[torch.nn.Module, train.TrainResult]:
-    if args.recipe == "mnist-pgd":
-        alpha = 2.5 * MNIST_EPS / MNIST_TRAIN_STEPS
+    if args.recipe == "mnist-pgd":   # the intro chapter's own recipe, at its laptop preset
+        icfg = intro.SPEC.resolve("laptop", epochs=args.epochs, seed=seed)
         recipe = {"recipe": args.recipe, "amp": amp, "seed": seed, "width": args.width,
                   "epochs": args.epochs, "n_train": len(ds.y_train), "objective": "pgd_at",
-                  "eps": MNIST_EPS, "alpha": alpha, "steps": MNIST_TRAIN_STEPS}
-        cfg = train.TrainConfig(epochs=args.epochs, batch_size=100, optimizer="adam", lr=1e-3,
-                                weight_decay=0.0, schedule="multistep", milestones=(0.75,),
-                                seed=seed, augment=False, amp=amp, val_every=0)
-        objective = objectives.pgd_at(eps=MNIST_EPS, alpha=alpha, steps=MNIST_TRAIN_STEPS)
+                  "eps": icfg["eps"], "alpha": 2.5 * icfg["eps"] / icfg["train_steps"],
+                  "steps": icfg["train_steps"]}
+        cfg = dataclasses.replace(intro.train_config(icfg), amp=amp, val_every=0)
+        objective = intro.training_objective("pgd_at", icfg)
         torch.manual_seed(seed)
         model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=args.width)
     else:
