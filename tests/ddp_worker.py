@@ -38,7 +38,10 @@ from repro.train import TrainConfig, train  # noqa: E402
 CONFIG = TrainConfig(epochs=2, batch_size=40, optimizer="sgd", lr=0.05, momentum=0.9,
                      weight_decay=5e-4, schedule="multistep", milestones=(0.5, 0.8),
                      augment=True, checkpoint_every=2, val_every=1, val_size=40, val_eps=0.1,
-                     val_alpha=0.04, val_steps=2, seed=5)
+                     val_alpha=0.04, val_steps=2, seed=5, amp="fp32")
+# amp="fp32", not "auto": these runs are compared for equality (N = 1 vs N = 2, resumed vs
+# uninterrupted) and against REFERENCE, recorded in fp32; "auto" would train in bf16 on a CPU
+# with native bf16 and in fp32 elsewhere.
 STOP_AT = 5   # the last checkpoint before it: step 4 (checkpoint_every=2), after the
               # epoch-end one at step 3
 
@@ -69,12 +72,22 @@ def _is_writer() -> bool:
     return distributed is None or distributed.is_writer()
 
 
+def dataset():
+    return data.load("mnist").limit(n_train=120, n_val=40)
+
+
+def initial_model(ds=None):
+    """The model every run starts from (the same initial weights on every rank)."""
+    ds = dataset() if ds is None else ds
+    torch.manual_seed(0)
+    return models.build("small_cnn", 10, mean_std=ds.mean_std, width=4)
+
+
 def run(run_dir, objective: str = "pgd_at", stop_at: int = -1) -> dict | None:
     """One training run into ``run_dir`` (data-parallel inside a process group); rank 0
     (or the single process) returns its history, resume step and final weights' sums."""
-    ds = data.load("mnist").limit(n_train=120, n_val=40)
-    torch.manual_seed(0)
-    model = models.build("small_cnn", 10, mean_std=ds.mean_std, width=4)
+    ds = dataset()
+    model = initial_model(ds)
     cls, kw = OBJECTIVES[objective]
     result = train(model, stoppable(cls, **kw)(stop_at), ds, CONFIG, run_dir, progress=False)
     if not _is_writer():

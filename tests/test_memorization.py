@@ -1,5 +1,7 @@
 """The subsampled memorization / influence estimator, its resumable driver, the atypical
 split and the single-run proxy, on hand-made arrays."""
+import os
+
 import numpy as np
 import pytest
 
@@ -114,13 +116,16 @@ def test_subset_estimation_resumes(tmp_path):
         M.SubsetEstimation(tmp_path / "mem", n=11, k=4, seed=0).run(train_one)
 
 
-def test_subset_estimation_records_each_models_wall_time(tmp_path):
+def test_subset_estimation_records_each_models_wall_time(tmp_path, monkeypatch):
     """Every model's training time is kept beside its arrays (a sharded run's merge alone
-    takes no time), and models recorded before times were kept read as NaN."""
-    import time
+    takes no time), and models recorded before times were kept read as NaN. A fake clock that
+    only training advances (model k takes k + 1 ticks): exact values, whatever the load."""
+    import types
+    clock = [0.0]
+    monkeypatch.setattr(M, "time", types.SimpleNamespace(time=lambda: clock[0]))
 
     def train_one(k, mask):
-        time.sleep(0.05 * (k + 1))
+        clock[0] += k + 1
         return {"train_clean": mask.copy()}
 
     est = M.SubsetEstimation(tmp_path / "mem", n=10, k=3, seed=0)
@@ -129,7 +134,7 @@ def test_subset_estimation_records_each_models_wall_time(tmp_path):
     out = est.run(train_one)
     t = out[M.WALL_TIME]
     assert t.shape == (3,) and np.isnan(t[1])
-    assert 0.05 <= t[0] < 0.1 + 0.5 and 0.15 <= t[2] < 0.2 + 0.5
+    assert t[0] == 1 and t[2] == 3   # each model's own time, not the run's running total
     assert out["train_clean"].dtype == bool and M.WALL_TIME not in ("train_clean", "masks")
 
 
@@ -237,18 +242,46 @@ def _bn_cnn(ds, seed):
                         norm="bn")
 
 
-def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100):
+def _update_gap(trained, reference, start) -> float:
+    """||trained - reference|| / ||reference - start|| over the trained parameters (BN
+    running statistics and the fixed normalisation excluded): how far two trainings of the
+    same model end apart, as a fraction of how far training moved it."""
+    num = den = 0.0
+    for name, want in reference.items():
+        if not want.is_floating_point() or name.startswith("normalize") or "running" in name:
+            continue
+        num += float((trained[name].float() - want.float()).pow(2).sum())
+        den += float((want.float() - start[name].float()).pow(2).sum())
+    return (num / den) ** 0.5
+
+
+# The largest update gap of the 3 subset models, batched vs one by one, measured on torch 2.13
+# (2-core AMD EPYC with AVX-512 bf16, 2026-12-03): fp32 1.5e-6, 1.3e-6 and 0.042 (one model's
+# ReLU/max-pool ties flip once the batched convolutions round differently: a discrete event,
+# not drift), bf16 0.12, 0.10, 0.075. A different data order alone (same initial weights)
+# ends ~1 update apart: GAP_LIMIT is a quarter of that, above the measured values.
+GAP_LIMIT = {"fp32": 0.25, "bf16": 0.35}
+OTHER_ORDER_MIN = 0.6
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100, amp):
     """Three BN subset models (BAT's subset architecture) trained at once as one vmapped
     ensemble end where three separate runs of the trainer end (own subsets, seeds, batch
-    orders, crops), to float tolerance: the batched convolutions round differently (about
-    1e-6 relative per gradient), which a few SGD steps amplify but not beyond 1e-4."""
+    orders, crops), in the precision named: the batched convolutions round differently,
+    which a few SGD steps amplify (GAP_LIMIT says how far, measured), far less than another
+    data order moves the same model (OTHER_ORDER_MIN)."""
     import dataclasses
     import torch
     from repro import data, ensemble, evaluate, objectives, train
+    if amp == "bf16" and not train.cpu_native_bf16() and os.environ.get("REPRO_AMP") != "bf16":
+        pytest.skip("bf16 is emulated on this CPU: checked in make test's bf16 pass "
+                    "(REPRO_AMP=bf16 -m precision)")
     ds = cifar100.limit(n_train=300, n_val=10, n_test=300)
     masks = M.subset_masks(300, 3, 0.7, seed=0)
     cfg = train.TrainConfig(epochs=1, batch_size=50, lr=0.05, augment=True, val_every=0,
-                            val_size=0)
+                            val_size=0, amp=amp)
     seeds = [100, 101, 102]
     subsets = [np.flatnonzero(m) for m in masks]
     ens = ensemble.train_ensemble([_bn_cnn(ds, s) for s in seeds], ds.x_train, ds.y_train,
@@ -264,19 +297,19 @@ def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100):
                     tmp_path / f"alone{k}", device="cpu", progress=False)
         start = _bn_cnn(ds, seed).state_dict()
         assert (alone.state_dict()["conv1.weight"] - start["conv1.weight"]).abs().max() > 2e-3
+        gap = _update_gap(trained.state_dict(), alone.state_dict(), start)
+        assert gap <= GAP_LIMIT[amp], (k, gap)
         for name, want in alone.state_dict().items():
-            have = trained.state_dict()[name]
-            if want.is_floating_point():
-                torch.testing.assert_close(have, want, rtol=1e-3, atol=1e-4, msg=name)
-            else:
-                assert torch.equal(have, want), name
+            if not want.is_floating_point():
+                assert torch.equal(trained.state_dict()[name], want), name
         right = (evaluate.predict(alone, ds.x_test) == ds.y_test).numpy()
-        assert (got[k] == right).mean() >= 0.99
-    # another seed (another batch order, crops and init) is far outside that tolerance
+        assert (got[k] == right).mean() >= 0.99, k
+    # the same initial weights with another data order (and crops) end far apart
+    start0 = _bn_cnn(ds, 100).state_dict()
     other = ensemble.train_ensemble([_bn_cnn(ds, 100)], ds.x_train, ds.y_train, subsets[:1],
                                     [7], cfg, device="cpu").unstack()[0]
-    w = ens.unstack()[0].state_dict()["conv1.weight"]
-    assert (other.state_dict()["conv1.weight"] - w).abs().max() > 2e-3
+    assert _update_gap(other.state_dict(), ens.unstack()[0].state_dict(), start0) \
+        >= OTHER_ORDER_MIN
     # the epoch-end checkpoint: a second call resumes after the last epoch (trains nothing)
     again = ensemble.train_ensemble([_bn_cnn(ds, s) for s in seeds], ds.x_train, ds.y_train,
                                     subsets, seeds, cfg, device="cpu", folder=tmp_path / "ens")
@@ -284,11 +317,22 @@ def test_batched_ensemble_matches_one_by_one_training(tmp_path, cifar100):
         assert torch.equal(a.detach(), b.detach())
 
 
+# Agreement of the recorded predictions, one-by-one vs batched, measured on torch 2.13 (2-core
+# AMD EPYC with AVX-512 bf16, 2026-12-03), train / test: fp32 1.0 / 1.0, bf16 0.977 / 0.982;
+# two different subset models agree on < 0.9 (asserted below). The bf16 limit leaves room for
+# another CPU's kernels flipping as many borderline predictions again.
+AGREE_MIN = {"fp32": 0.99, "bf16": 0.95}
+
+
+@pytest.mark.precision
 def test_bat_subset_models_use_the_ensemble_when_asked(tmp_path, monkeypatch, cifar100):
     """REPRO_ENSEMBLE=2 routes BAT's subset models through the batched ensemble (as CUDA
-    does by default): the same recorded arrays, up to a few borderline predictions."""
+    does by default): the same recorded arrays, up to a few borderline predictions (more in
+    bf16, whose roundings differ more between the batched and the single convolutions)."""
     import torch
+    from repro import train
     from repro.experiments import bat, common
+    amp = train.resolve_precision(train.TrainConfig(), torch.device("cpu"))["amp"]
     # CIFAR-10, 4 epochs: models that learn (about 30% on their training set), so agreeing
     # predictions mean the same models, not models stuck at one class
     cfg = bat.SPEC.resolve("smoke", contrast="none", mem_k=3, dataset="cifar10", mem_epochs=4,
@@ -306,7 +350,7 @@ def test_bat_subset_models_use_the_ensemble_when_asked(tmp_path, monkeypatch, ci
     assert out["1"]["train_clean"].shape == out["2"]["train_clean"].shape == (3, len(ds.y_train))
     for key in ("train_clean", "test_clean"):
         a, b = out["1"][key], out["2"][key]
-        assert (a == b).mean() > 0.98, key
+        assert (a == b).mean() >= AGREE_MIN[amp], (amp, key, (a == b).mean())
         assert a.mean() > 0.15 and (a[0] == a[1]).mean() < 0.9, "the models learnt and differ"
     np.testing.assert_array_equal(out["1"]["masks"], out["2"]["masks"])
     assert not list((tmp_path / "2").glob("bat/subsets-*/models/ensemble_*")), "cleaned up"
