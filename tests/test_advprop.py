@@ -103,10 +103,15 @@ def test_attacker_settings_and_targeted_labels(batch):
     a = o.attack(m, batch.x, batch.y, torch.Generator().manual_seed(1))
     b = o.attack(m, batch.x, batch.y, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    # the random targets are wrong labels: check via the generator's draw
-    g = torch.Generator().manual_seed(1)
-    shift = torch.randint(1, 10, batch.y.shape, generator=g)
-    assert ((batch.y + shift) % 10 != batch.y).all()
+    # the random targets are wrong labels, spread over the other classes, drawn from the
+    # attack's generator
+    t = torch.cat([o.targets(m, batch.x, batch.y, torch.Generator().manual_seed(s))
+                   for s in range(20)])
+    y = batch.y.repeat(20)
+    assert (t != y).all() and t.min() >= 0 and t.max() < 10
+    assert len(torch.unique((t - y) % 10)) == 9   # every shift 1..9 occurs
+    assert not torch.equal(o.targets(m, batch.x, batch.y, torch.Generator().manual_seed(1)),
+                           o.targets(m, batch.x, batch.y, torch.Generator().manual_seed(2)))
 
 
 def test_port_attacker_targets_and_starts_as_the_pytorch_port(batch, monkeypatch):

@@ -12,7 +12,7 @@ from repro import campaign, claims, experiments, results
 
 def test_plan_fits_the_budget_and_the_first_window_settles_a_headline():
     rows = campaign.plan_rows(ledger={})
-    assert [r["id"] for r in rows] and {r["id"] for r in rows} == set(campaign.BY_ID)
+    assert [r["id"] for r in rows] and {r["id"] for r in rows} == {p.id for p in campaign.PIECES}
     total = sum(r["seconds"] for r in rows)
     assert total <= campaign.TOTAL_GPU_S, total
     for r in rows:  # every piece can start in an empty window and is <= 8 H200-minutes
@@ -97,6 +97,9 @@ def _manifest(dry_run=False, digest=None):
 
 def test_pack_keeps_small_files_and_ingest_places_checked_runs(tmp_path):
     run = _fake_run(tmp_path / "dev", "he", "pgd_at", {"a": 1}, "cuda: NVIDIA H200")
+    prov = json.loads((run.path / "provenance.json").read_text())
+    prov["commit"] = None   # as on the device machine, which has no git
+    (run.path / "provenance.json").write_text(json.dumps(prov))
     f = campaign.pack_piece("he-pgd", "he", {"pgd_at": str(run.path)}, tmp_path, "log",
                             _manifest())
     with tarfile.open(f) as tar:
@@ -108,7 +111,8 @@ def test_pack_keeps_small_files_and_ingest_places_checked_runs(tmp_path):
     dest = pub / "he" / "results" / run.path.name
     assert (dest / "DONE").exists() and not (dest / "train" / "final.pt").exists()
     prov = json.loads((dest / "provenance.json").read_text())
-    assert prov["commit"] == "abc" or prov["commit"]   # stamped where git had none
+    assert prov["commit"] == "abc"   # the manifest's stamp, where git had none
+    assert "campaign stamp" in prov["commit_source"]
     assert out["ledger"]["he-pgd"]["folders"] == [run.path.name]
 
 
@@ -180,7 +184,9 @@ def test_publish_overrides_union_the_done_pieces():
 @pytest.mark.slow
 def test_dry_run_goes_from_plan_to_publish(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("REPRO_DATA", str(data_root))
-    s = campaign.run_dry(tmp_path, log=lambda *_: None)
+    # budget_s: the dry run checks the path, not the speed; its default (110 s, a window's
+    # share) timed the piece out on a loaded 2-core machine
+    s = campaign.run_dry(tmp_path, budget_s=900, log=lambda *_: None)
     pieces = s["manifest"]["pieces"]
     assert pieces["he-pgd"]["status"] == "done", pieces   # with papermill, pandas... blocked
     back = sorted(p.name for p in (tmp_path / "back").iterdir())
@@ -225,15 +231,14 @@ def test_hot_paths_run_and_on_cuda_do_not_synchronise():
 
 def test_a_piece_that_outruns_the_budget_is_killed_and_reported(tmp_path, monkeypatch):
     import os
-    import time
     monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
     piece = campaign.BY_ID["he-pgd"]
     entry, manifest = {"spec_hash": "h"}, {"pieces": {}}
     env = dict(os.environ)
-    t = time.monotonic()
     campaign._run_one(piece, entry, 1.0, 1.0, 0.5, True, env, tmp_path, tmp_path, manifest,
                       set(), lambda *_: None)
     assert entry["status"] == "timeout" and entry["returncode"] == "timeout"
-    assert time.monotonic() - t < 30            # killed at the budget, not run to the end
+    # killed at the budget, not run to the end: no run of the piece finished
+    assert not list(tmp_path.rglob("DONE"))
     assert entry["runs"] == {} and "file" not in entry   # nothing finished, nothing packed
     assert not list(tmp_path.glob("piece-*.tar.gz"))

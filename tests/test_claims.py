@@ -334,15 +334,15 @@ def test_every_lmt_claim_is_judged_by_the_rule_with_its_floor():
         assert o.mde is not None, c.id
 
 
-def test_published_laptop_he_and_advprop_are_below_their_floors():
+@pytest.mark.parametrize("chapter", ["he", "advprop", "bat"])
+def test_published_laptop_he_and_advprop_are_below_their_floors(chapter):
     # the case: 21–28% clean on 2,000 CIFAR-10 images decides nothing
-    for chapter in ("he", "advprop", "bat"):
-        loaded = publish.load(chapter)
-        if loaded is None or loaded[0]["preset"] != "laptop":
-            continue
-        for c in claims.claims_for(chapter):
-            o = c.judge(loaded[1])
-            assert o.verdict == claims.INCONCLUSIVE and o.floor_met is False, c.id
+    loaded = publish.load(chapter)
+    if loaded is None or loaded[0]["preset"] != "laptop":
+        pytest.skip(f"{chapter} is not published at the laptop preset")
+    for c in claims.claims_for(chapter):
+        o = c.judge(loaded[1])
+        assert o.verdict == claims.INCONCLUSIVE and o.floor_met is False, c.id
 
 
 def test_proportion_se_is_binomial_inside_and_positive_at_the_edges():
