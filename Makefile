@@ -8,7 +8,7 @@ JB      := $(VENV)/bin/jupyter-book
 CHAPTERS := $(shell python3 tools/chapters.py)
 SMOKE   := _build/smoke
 
-.PHONY: install data test smoke assemble book check-site browser-test clean
+.PHONY: install data test check-built-book smoke assemble book check-site browser-test clean
 .DEFAULT_GOAL := book
 
 $(VENV)/.installed: pyproject.toml .ci/requirements-nodeps.txt
@@ -25,8 +25,21 @@ install: $(VENV)/.installed
 data: install
 	$(PY) -m repro data prepare
 
+# The whole suite as a user's machine runs it (amp="auto": bf16 on a CPU with native bf16,
+# fp32 elsewhere), then the precision-dependent tests (marker `precision`) again in the other
+# precision, so every CPU checks both: fp32 where "auto" is bf16, and on an AVX2 CPU (bf16
+# emulated, 9-35x slower) the chosen bf16 subset.
+OTHER_AMP = $(shell $(PY) tools/other_precision.py 2>/dev/null)
+
 test: install data
 	$(PY) -m pytest -q
+	@test -n "$(OTHER_AMP)" || { echo "tools/other_precision.py failed"; exit 1; }
+	@echo "=== precision-dependent tests again with REPRO_AMP=$(OTHER_AMP)"
+	REPRO_AMP=$(OTHER_AMP) $(PY) -m pytest -q -m precision
+
+# The tests of the built site (marker built_book), after `make book`; a missing site fails.
+check-built-book: install
+	REPRO_BUILT_BOOK=1 $(PY) -m pytest -q -m built_book tests/test_book.py
 
 # Execute every chapter notebook at the smoke preset (finished runs come from the cache).
 smoke: install data
