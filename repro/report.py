@@ -6,14 +6,49 @@ from IPython.display import Markdown
 from repro import results
 
 
+def training_precision(run: dict) -> str | None:
+    """The precision run ``run`` trained in: the trainer's record (``metrics["training"]
+    ["precision"]["amp"]``), else what the library did before it kept one (fp32 on a CPU,
+    bf16 on CUDA: book/how-to-run.md), marked "(inferred)"; None for a run that trained
+    nothing (an evaluation or an estimate)."""
+    training = (run.get("metrics") or {}).get("training")
+    if not isinstance(training, dict):
+        return None
+    rec = training.get("precision")
+    if isinstance(rec, dict) and rec.get("amp"):
+        return rec["amp"]
+    device = str(run["provenance"].get("device") or "")
+    return ("bf16" if device.startswith("cuda") else "fp32") + " (inferred)"
+
+
 def provenance_rows(result: dict) -> list[dict]:
     rows = []
     for name, run in result["runs"].items():
         p = run["provenance"]
-        rows.append({"run": name, "device": p.get("device"), "commit": p.get("commit"),
-                     "date": p.get("date"), "wall time (s)": p.get("wall_time_s"),
-                     "torch": p.get("torch")})
+        rows.append({"run": name, "device": p.get("device"),
+                     "training precision": training_precision(run) or "—",
+                     "commit": p.get("commit"), "date": p.get("date"),
+                     "wall time (s)": p.get("wall_time_s"), "torch": p.get("torch")})
     return rows
+
+
+def precision_note(result: dict) -> str:
+    """One sentence: which precision the runs trained in, and how to rerun them exactly."""
+    counts: dict[str, int] = {}
+    for run in result["runs"].values():
+        amp = training_precision(run)
+        if amp:
+            counts[amp] = counts.get(amp, 0) + 1
+    if not counts:
+        return ""
+    parts = ", ".join(f"{amp} ({n} run{'s' * (n != 1)})" for amp, n in sorted(counts.items()))
+    how = []
+    if any(a.startswith("fp32") for a in counts):
+        how.append("`REPRO_AMP=fp32` reruns the fp32 runs exactly on a CPU or GPU that would "
+                   "pick bf16")
+    if any(a.startswith("bf16") for a in counts):
+        how.append("`REPRO_AMP=bf16` the bf16 ones")
+    return f" Training precision: {parts}; " + " and ".join(how) + " (evaluation is fp32)."
 
 
 def provenance_banner(result: dict) -> Markdown:
@@ -28,11 +63,12 @@ def provenance_banner(result: dict) -> Markdown:
         for name, run in result["runs"].items())["compute_wall_time_s"]
     lines = [f"**Run:** preset `{cfg['preset']}`, seed {cfg.get('seed')}, "
              f"device {', '.join(devices)}, library commit {', '.join(commits)}, "
-             f"computed {min(r['date'] for r in rows)[:10]}, {wall / 60:.1f} min of compute."]
+             f"computed {min(r['date'] for r in rows)[:10]}, {wall / 60:.1f} min of compute."
+             + precision_note(result)]
     if cfg["preset"] == "smoke":
         lines.append("\n\n> **Smoke run.** Tiny data and schedules: these numbers prove that the "
                      "pipeline runs, not what the method does.")
-    elif cfg["preset"] in ("laptop", "gpu"):
+    elif cfg["preset"] in ("laptop", "overnight", "gpu"):
         lines.append(f"\n\n> **Reduced scale** (`{cfg['preset']}` preset): shorter schedules "
                      "and/or smaller models than the paper.")
     return Markdown("".join(lines))
