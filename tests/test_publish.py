@@ -154,3 +154,23 @@ def test_keep_other_runs_drops_what_a_publication_supersedes(tmp_path):
     new3 = tmp_path / "new3"
     new3.mkdir()
     assert publish.keep_other_runs(old, new3, None) == sorted([gpu, mnist, cifar, keyless])
+
+
+def test_banner_states_the_training_precision_and_how_to_rerun_it():
+    from repro import report
+    run = lambda amp, device="cpu: x": {  # noqa: E731
+        "provenance": {"device": device, "commit": "c", "date": "2026-12-03T00:00:00",
+                       "wall_time_s": 1.0, "torch": "2.13"},
+        "metrics": {"training": {"precision": {"amp": amp}} if amp else {"history": []}}}
+    result = {"config": {"preset": "overnight", "seed": 0},
+              "runs": {"a": run("bf16"), "b": run("bf16"), "c": run("fp32"),
+                       "d": run(None), "e": {**run(None), "metrics": {}}}}
+    assert report.training_precision(result["runs"]["a"]) == "bf16"
+    assert report.training_precision(result["runs"]["d"]) == "fp32 (inferred)"  # no record
+    assert report.training_precision(result["runs"]["e"]) is None   # trained nothing
+    text = report.provenance_banner(result).data
+    assert "bf16 (2 runs)" in text and "fp32 (1 run)" in text and "REPRO_AMP=fp32" in text
+    assert "Reduced scale" in text and "`overnight`" in text
+    cuda = {"config": {"preset": "gpu", "seed": 0},
+            "runs": {"a": run(None, "cuda: NVIDIA H200")}}
+    assert "bf16 (inferred) (1 run)" in report.provenance_banner(cuda).data
