@@ -18,10 +18,13 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-PRESETS = ("smoke", "laptop", "gpu", "paper")
+PRESETS = ("smoke", "laptop", "overnight", "gpu", "paper")
 PRESET_HELP = {
     "smoke": "CPU, about a minute: a few hundred images, tiny widths; proves the pipeline",
     "laptop": "2 CPU cores, at most 30 minutes a chapter: real data, small models, short schedules",
+    "overnight": "2 CPU cores, about 12 hours a chapter in resumable pieces of <= 2 hours "
+                 "(python -m repro campaign plan --device cpu): the smallest setup that reaches "
+                 "the floors of the chapter's effect claims",
     "gpu": "one H200, in pieces of <= 8 GPU-minutes (python -m repro campaign plan)",
     "paper": "the paper's own setup, for readers with hours of GPU",
 }

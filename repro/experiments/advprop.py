@@ -74,6 +74,15 @@ SPEC = Spec("advprop", [
                                 "brightness", "jpeg_compression", "pixelate"],
                    severities=[1, 3, 5], eval_eps=2, eval_steps=10, batch_size=128, lr=0.1,
                    seeds=[0, 1], device="auto"),
+    # overnight (provisional: the pilot of issue 26 that picks the recipe reaching >= 90%
+    # clean is not yet run): width 32, 20 epochs of the full training set, the paper's weak
+    # attacker (eps 1/255, 2 steps), two seeds, the full test set; about 12 CPU-hours by
+    # counted operations at a measured rate (python -m repro campaign plan --device cpu).
+    "overnight": dict(epochs=20, n_train=None, n_test=10000, n_corrupt=2000,
+                      arch="preact_resnet18", widths=[32], eps=1, eps_grid=[1],
+                      targeted=False, corruptions=list(corruptions.NAMES),
+                      severities=[1, 3, 5], eval_eps=2, eval_steps=20, batch_size=128,
+                      lr=0.1, seeds=[0, 1], device="auto"),
     # gpu: ~25-30 H100-minutes by our estimate (12 runs, bf16); resumable, and
     # run(only=[...]) splits it over sessions. eps 3/255 is left to the paper preset.
     "gpu": dict(epochs=8, n_train=None, n_test=10000, n_corrupt=2000, arch="preact_resnet18",

@@ -116,7 +116,20 @@ SPEC = Spec(CHAPTER, [
                    n_neighbors=10, alphas=[1.0, 2.0], beta=0.2, tau=0.5, trades_beta=6.0,
                    atypical_fractions=[0.0, 1.0], curve_test=1000, autoattack="fast",
                    seed=0, device="auto"),
-    # gpu: three H200 campaign pieces (repro/campaign.py): K = 100 subset models on
+    # overnight (provisional: issue 25 replaces the split by the official C-scores and pilots
+    # the recipe): full CIFAR-10, a width-16 PreAct-ResNet-18 trained 15 epochs with PGD-3,
+    # the full test set; the memorization estimate at the laptop's K = 32 (its SE stays above
+    # the claims' floor for the estimate source: the official split is what decides them).
+    "overnight": dict(dataset="cifar10", contrast="cifar100", n_train=None, n_val=1000,
+                      n_test=10000, mem_k=32, mem_fraction=0.7, mem_arch="small_cnn",
+                      mem_width=16, mem_epochs=10, mem_batch_size=128, mem_augment=False,
+                      mem_method="standard", arch="preact_resnet18", width=16, epochs=15,
+                      lr=0.1, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
+                      train_steps=3, eval_steps=20, restarts=1, t=0.15,
+                      split_source="estimate", n_neighbors=10, alphas=[1.0, 2.0], beta=0.2,
+                      tau=0.5, trades_beta=6.0, atypical_fractions=[0.0, 1.0],
+                      curve_test=1000, autoattack="fast", seed=0, device="auto"),
+    # gpu: three H200 campaign pieces (repro/campaign/): K = 100 subset models on
     # CIFAR-100, the same on CIFAR-10 (the contrast), then the five AT runs (~4-6 min each by
     # counted operations; not yet measured). Finding (b) compares typical-only with all.
     "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=5000,

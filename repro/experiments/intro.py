@@ -34,7 +34,14 @@ SPEC = Spec("intro", [
     "laptop": dict(epochs=3, n_train=None, n_test=2000, eps=0.1, train_steps=10, eval_steps=40,
                    restarts=2, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
                    autoattack="fast", seed=0, device="auto"),
-    # one H200 campaign piece (~1-2 min by counted operations; repro/campaign.py)
+    # 2 CPU cores, in one campaign piece (python -m repro campaign plan --device cpu
+    # --preset overnight): the gpu preset's setup (10 epochs of PGD-20 training, the full test
+    # set, AutoAttack standard); the intro's claims are decided at the laptop preset already.
+    "overnight": dict(epochs=10, n_train=None, n_test=10000, eps=0.1, train_steps=20,
+                      eval_steps=100, restarts=2,
+                      eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
+                      autoattack="standard", seed=0, device="auto"),
+    # one H200 campaign piece (~1-2 min by counted operations; repro/campaign/)
     "gpu": dict(epochs=10, n_train=None, n_test=10000, eps=0.1, train_steps=20, eval_steps=100,
                 restarts=2, eps_grid=[0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3],
                 autoattack="standard", seed=0, device="auto"),
