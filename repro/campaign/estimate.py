@@ -150,6 +150,8 @@ def workload_he(cfg: dict, piece: Piece | None = None) -> list[Job]:
     per = {"pgd_at": 2 * k + 3, "trades": 1 + 2 * k + 6, "alp": 2 * k + 6}
     jobs = []
     for name in he.run_names(cfg["variants"]):
+        if piece is not None and piece.only is not None and name not in piece.only:
+            continue
         base = name[:-3] if name.endswith("_he") else name
         jobs.append(_train(arch, n, cfg["epochs"], per[base], cfg["batch_size"],
                            cfg["val_size"], what=f"{name} train"))

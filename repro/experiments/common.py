@@ -57,7 +57,12 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
     ``repro.train.train``).
 
     ``config`` must describe everything that changes the result; it keys the cache.
+    ``evaluate`` may take a second argument, ``folder``: the run folder, where it can keep the
+    finished stages of a long evaluation so that a killed one resumes (``EvalStages``).
     """
+    import inspect
+    takes_folder = len(inspect.signature(evaluate).parameters) >= 2
+
     def compute(run: results.Run):
         model = model_fn()
         result = train.train(model, objective, dataset, train_cfg, run.path / "train",
@@ -65,7 +70,7 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
         weights = result.best_path if (use_best and result.best_path) else result.final_path
         train.load_weights(model, weights, device)
         model.to(device).eval()
-        metrics, arrays = evaluate(model)
+        metrics, arrays = evaluate(model, run.path) if takes_folder else evaluate(model)
         metrics["training"] = {"history": result.history, "seconds": result.seconds,
                                "best_step": result.best_step, "best_val": result.best_metric,
                                "weights": "best-on-validation" if weights == result.best_path
@@ -75,6 +80,39 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
 
     return results.cached(chapter, name, run_config(config, train_cfg, objective), compute,
                           device=device)
+
+
+class EvalStages:
+    """Finished stages of a run's evaluation, kept in ``<run folder>/eval/<stage>.npz`` (arrays
+    and the stage's metrics as JSON): ``stages.get("aa", fn)`` returns the stored
+    ``(metrics, arrays)`` of a stage finished before a kill, else computes ``fn()`` and stores
+    it. On an overnight CPU run, each of HE's stages (the PGD / C&W attacks on the full test
+    set, AutoAttack, the feature geometry) takes tens of minutes; the folder's
+    ``metrics.json``/``arrays.npz`` are written when all are done, and the stages stay beside
+    them (small files, not published)."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+        self.dir = None if folder is None else Path(folder) / "eval"
+
+    def get(self, name: str, fn: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+        import json
+        import os
+        if self.dir is not None:
+            f = self.dir / f"{name}.npz"
+            if f.exists():
+                with np.load(f, allow_pickle=False) as d:
+                    arrays = {k: d[k] for k in d.files if k != "__metrics__"}
+                    metrics = json.loads(str(d["__metrics__"]))
+                return metrics, arrays
+        metrics, arrays = fn()
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f"{name}.tmp.npz"
+            np.savez(tmp, __metrics__=np.array(json.dumps(metrics)),
+                     **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, self.dir / f"{name}.npz")
+        return metrics, arrays
 
 
 def run_config(config: dict, train_cfg: train.TrainConfig, objective) -> dict:
