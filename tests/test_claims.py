@@ -222,7 +222,8 @@ def test_floor_checks_name_what_fails():
 
 def test_judge_carries_the_floor_and_the_power():
     c = claims.get("he.pgd-gain")
-    facts = {"full_training_set": True, "baseline_clean": 0.8, "test_images": 10000}
+    facts = {"full_training_set": True, "baseline_clean": 0.8, "test_images": 10000,
+             "seeds": 2}
     big = claims.judge(c.id, est(2.0, 0.5, 10000), facts)
     assert big.verdict == claims.REPRODUCED and big.floor_met is True
     assert big.mde == pytest.approx(2.801585 * 0.5, rel=1e-4)
@@ -253,8 +254,11 @@ def test_combine_needs_every_part():
 
 # ----------------------------------------------------------------------------- chapters
 
-def _he_result(correct: dict, n_train=None, clean=0.8, pairing=True):
+def _he_result(correct: dict, n_train=None, clean=0.8, pairing=True, extra_seeds=(1,)):
+    """Runs with these per-example results, repeated at each extra seed (``name@s<seed>``,
+    as ``he.run`` keys them)."""
     runs = {}
+    correct = {**correct, **{f"{n}@s{s}": v for s in extra_seeds for n, v in correct.items()}}
     for name, (pgd, cw, auto) in correct.items():
         pgd, cw, auto = (np.array(v, bool) for v in (pgd, cw, auto))
         metrics = {"keys": {"pgd": "pgd20", "cw": "cw20"},
@@ -266,7 +270,8 @@ def _he_result(correct: dict, n_train=None, clean=0.8, pairing=True):
         config = {"objective": {"name": name, **({"pairing": "mean"} if pairing else {})}}
         runs[name] = {"metrics": metrics, "arrays": arrays, "config": config}
     return {"config": {"preset": "gpu", "architecture": "preact_resnet18", "n_train": n_train,
-                       "epochs": 8, "variants": ["pgd_at", "trades", "alp"]}, "runs": runs}
+                       "epochs": 8, "variants": ["pgd_at", "trades", "alp"],
+                       "extra_seeds": list(extra_seeds)}, "runs": runs}
 
 
 def test_he_claims_call_a_pgd_only_gain_an_artefact():
@@ -287,6 +292,15 @@ def test_he_claims_call_a_pgd_only_gain_an_artefact():
     assert by_id["he.aa-gain"].judge(small).verdict == claims.INCONCLUSIVE
     assert by_id["he.aa-gain"].judge(small).floor_met is False
     assert he.gain(result, "pgd_at", "worst").n == n
+    assert he.gain(result, "pgd_at", "worst").seeds == 2   # paired over images and seeds
+    # one seed: below the floor (seeds_min 2), whatever the effect
+    one = _he_result({"pgd_at": base, "pgd_at_he": fake}, extra_seeds=())
+    assert by_id["he.pgd-gain"].judge(one).verdict == claims.INCONCLUSIVE
+    assert "seeds = 1" in by_id["he.pgd-gain"].judge(one).floor_why
+    # the baseline's clean accuracy for the floor is its lowest over the seeds
+    two = _he_result({"pgd_at": base, "pgd_at_he": fake})
+    two["runs"]["pgd_at@s1"]["metrics"]["accuracy"]["clean"] = 0.70
+    assert by_id["he.pgd-gain"].judge(two).floor_met is False
 
 
 def test_he_alp_runs_without_the_fixed_pairing_are_not_evidence():

@@ -275,3 +275,38 @@ def test_differences_from_the_official_code_are_recorded():
     for d in he.DIFFERENCES:
         assert set(d) == keys and all(isinstance(v, str) and v.strip() for v in d.values()), d
 
+
+
+def test_evaluation_killed_after_a_stage_resumes_to_the_uninterrupted_result(tmp_path,
+                                                                            cifar10):
+    """HE's evaluation keeps each finished stage (common.EvalStages) with the attack
+    generator's state after it: resuming with only the first stage on disk gives exactly the
+    arrays and metrics of an uninterrupted evaluation, and of one with no folder at all."""
+    import shutil
+    import numpy as np
+    from repro.experiments import common, he
+    cfg = he.SPEC.resolve("smoke", n_test=24, eval_steps=2, eps_grid=[0.0, 8.0])
+    ds = cifar10.limit(n_train=10, n_val=10, n_test=24)
+    model = common.model_for("preact_resnet18", ds, width=4, head="hypersphere")().eval()
+    cpu = torch.device("cpu")
+    whole = he._evaluate(model, ds, cfg, cpu, False, tmp_path / "a")
+    assert sorted(p.stem for p in (tmp_path / "a" / "eval").iterdir()) == \
+        ["attacks", "eps_curve", "geometry"]
+    (tmp_path / "b" / "eval").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "eval" / "attacks.npz", tmp_path / "b" / "eval")
+    resumed = he._evaluate(model, ds, cfg, cpu, False, tmp_path / "b")
+    plain = he._evaluate(model, ds, cfg, cpu, False, None)
+    for other in (resumed, plain):
+        assert other[0] == whole[0]
+        assert sorted(other[1]) == sorted(whole[1])
+        for k in whole[1]:
+            np.testing.assert_array_equal(other[1][k], whole[1][k], err_msg=k)
+    # the stage on disk is what was used: a tampered stage shows up in the result
+    with np.load(tmp_path / "a" / "eval" / "attacks.npz") as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays["correct_clean"] = ~arrays["correct_clean"]
+    np.savez(tmp_path / "b" / "eval" / "attacks.npz", **arrays)
+    for f in ("eps_curve", "geometry"):
+        (tmp_path / "b" / "eval" / f"{f}.npz").unlink()
+    tampered = he._evaluate(model, ds, cfg, cpu, False, tmp_path / "b")
+    assert tampered[0]["eps_curve"]["accuracy"][0] == 1 - whole[0]["eps_curve"]["accuracy"][0]

@@ -159,6 +159,8 @@ SPEC = Spec("he", [
           "fractions of training (< 1)", gt=0),
     Param("val_size", "int", "validation images for the training curves (0: none)", ge=0, le=1000),
     Param("seed", "int", "seed for data order, initialisation and attacks", ge=0),
+    Param("extra_seeds", "list[int]", "further seeds of every run, for the gain claims "
+          "(paired over the test images and across seeds); not part of a run's key", ge=0),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     # CPU, about a minute: PGD-AT with and without HE on 512 images of a width-4 network.
@@ -166,7 +168,7 @@ SPEC = Spec("he", [
                   n_train=512, n_test=100, n_aa=0, eps=8.0, train_steps=3, eval_steps=5,
                   restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                   autoattack="none", batch_size=64, lr=0.1, schedule="onecycle",
-                  milestones=[0.5, 0.75], val_size=64, seed=0, device="auto"),
+                  milestones=[0.5, 0.75], val_size=64, seed=0, extra_seeds=[], device="auto"),
     # 2 CPU cores, about 30 min (timed in the chapter): PGD-AT and ALP, each with and without
     # HE, width-8 PreAct-ResNet-18 on the full training set, 2 epochs, a 3-step training
     # attack. TRADES needs the gpu preset. (A 1-step attack, FGSM-RS at 1.25·eps, overfitted
@@ -176,7 +178,7 @@ SPEC = Spec("he", [
                    epochs=2, n_train=None, n_test=1000, n_aa=100, eps=8.0, train_steps=3,
                    eval_steps=10, restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                    autoattack="fast", batch_size=128, lr=0.2, schedule="onecycle",
-                   milestones=[0.5, 0.75], val_size=200, seed=0, device="auto"),
+                   milestones=[0.5, 0.75], val_size=200, seed=0, extra_seeds=[], device="auto"),
     # 2 CPU cores, about 12 hours in pieces of <= 2 hours (python -m repro campaign plan
     # --device cpu --preset overnight): PGD-AT and PGD-AT+HE, two seeds (-p seed 1), on the
     # full training set, a width-32 PreAct-ResNet-18, 20 epochs of PGD-2 training (step
@@ -190,7 +192,7 @@ SPEC = Spec("he", [
                       train_steps=2, eval_steps=20, restarts=1, s=None, m=None,
                       eps_grid=[0.0, 8.0], autoattack="fast", batch_size=128,
                       lr=0.2, schedule="onecycle", milestones=[0.5, 0.75], val_size=500,
-                      seed=0, device="auto"),
+                      seed=0, extra_seeds=[1], device="auto"),
     # One H200, six runs in three campaign pieces of two runs (repro/campaign/: variants
     # [pgd_at], [trades], [alp]; about 4-5 H200-minutes each by counted operations, not yet
     # measured): PreAct-ResNet-18 (width 64), full CIFAR-10, 8 epochs of PGD-7 AT (Madry's
@@ -199,7 +201,7 @@ SPEC = Spec("he", [
                 n_train=None, n_test=2000, n_aa=1000, eps=8.0, train_steps=7, eval_steps=20,
                 restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                 autoattack="fast", batch_size=128, lr=0.2, schedule="onecycle",
-                milestones=[0.5, 0.75], val_size=500, seed=0, device="auto"),
+                milestones=[0.5, 0.75], val_size=500, seed=0, extra_seeds=[], device="auto"),
     # The paper's schedule: 110 epochs, lr 0.1 decayed ×0.1 at epochs 100 and 105, PGD-10
     # training attack. WRN-34-20, the RobustBench entry the claims quote; the paper's Table 2
     # uses WRN-34-10 (-p architecture wrn34_10). Not the official script's schedule: see
@@ -209,7 +211,7 @@ SPEC = Spec("he", [
                   eval_steps=20, restarts=1, s=None, m=None,
                   eps_grid=[0.0, 2.0, 4.0, 8.0, 12.0, 16.0], autoattack="standard",
                   batch_size=128, lr=0.1, schedule="multistep", milestones=[100.0, 105.0],
-                  val_size=1000, seed=0, device="auto"),
+                  val_size=1000, seed=0, extra_seeds=[], device="auto"),
 })
 
 
@@ -217,9 +219,22 @@ def run_names(variants) -> list[str]:
     return [n for v in variants for n in (v, f"{v}_he")]
 
 
+def seed_name(name: str, seed: int) -> str:
+    """The result key of run ``name`` at an extra seed: ``pgd_at@s1``."""
+    return f"{name}@s{seed}"
+
+
+def split_name(key: str) -> tuple[str, int | None]:
+    """``pgd_at_he@s1`` -> ("pgd_at_he", 1); a main-seed key -> (key, None)."""
+    name, _, seed = key.partition("@s")
+    return name, (int(seed) if seed else None)
+
+
 def label(name: str) -> str:
+    name, seed = split_name(name)
     base = name[:-3] if name.endswith("_he") else name
-    return LABELS[base] + ("+HE" if name.endswith("_he") else "")
+    return (LABELS[base] + ("+HE" if name.endswith("_he") else "")
+            + (f" (seed {seed})" if seed is not None else ""))
 
 
 def he_params(variant: str, cfg: dict) -> dict:
@@ -381,8 +396,10 @@ def train_config(cfg: dict) -> TrainConfig:
 
 
 def run_key(name: str, cfg: dict) -> dict:
-    """What changes a run's result: everything but the device and the list of variants."""
-    return {**{k: v for k, v in cfg.items() if k not in ("device", "variants")}, "method": name}
+    """What changes a run's result: everything but the device, the list of variants and the
+    list of extra seeds (a run of an extra seed is the run of that ``seed``)."""
+    return {**{k: v for k, v in cfg.items() if k not in ("device", "variants", "extra_seeds")},
+            "method": name}
 
 
 def run_config(name: str, cfg: dict) -> dict:
@@ -393,26 +410,34 @@ def run_config(name: str, cfg: dict) -> dict:
 def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) -> dict:
     """Train every variant with and without HE (or reuse cached runs); evaluate each.
 
-    ``only``: compute just these run names (e.g. ``["pgd_at_he"]``), to split a preset over
-    processes or sessions; the cache joins them afterwards."""
+    ``only``: compute just these run names (e.g. ``["pgd_at_he"]``) at the config's seed, to
+    split a preset over processes or sessions; the cache joins them afterwards. Without it,
+    every run is also trained (or found) at each of ``extra_seeds``, under the result key
+    ``seed_name(name, seed)``: the gain claims pair the runs over test images and seeds."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
     ds = common.load_dataset("cifar10", n_train=cfg["n_train"], n_test=cfg["n_test"],
                              n_val=max(cfg["val_size"], 1), val_size=1000)
-    train_cfg = train_config(cfg)
     out = {"config": cfg, "runs": {}}
-    for name in run_names(cfg["variants"]):
-        if only is not None and name not in only:
-            continue
-        he = name.endswith("_he")
-        objective = make_objective(name, cfg)
-        r = common.train_and_evaluate(
-            "he", name, run_key(name, cfg), model_fn=_model_fn(cfg, ds, he),
-            objective=objective, dataset=ds, train_cfg=train_cfg, device=device,
-            progress=progress, use_best=False,
-            evaluate=lambda m, folder: _evaluate(m, ds, cfg, device, progress, folder))
-        out["runs"][name] = {"metrics": r.metrics(), "arrays": r.arrays(),
-                             "provenance": r.provenance(), "path": str(r.path)}
+    seeds = [cfg["seed"]] + ([s for s in cfg["extra_seeds"] if s != cfg["seed"]]
+                             if only is None else [])
+    for seed in seeds:
+        cfg_s = {**cfg, "seed": seed}
+        train_cfg = train_config(cfg_s)
+        for name in run_names(cfg["variants"]):
+            if only is not None and name not in only:
+                continue
+            he = name.endswith("_he")
+            objective = make_objective(name, cfg_s)
+            r = common.train_and_evaluate(
+                "he", name, run_key(name, cfg_s), model_fn=_model_fn(cfg_s, ds, he),
+                objective=objective, dataset=ds, train_cfg=train_cfg, device=device,
+                progress=progress, use_best=False,
+                evaluate=lambda m, folder, c=cfg_s: _evaluate(m, ds, c, device, progress,
+                                                             folder))
+            key = name if seed == cfg["seed"] else seed_name(name, seed)
+            out["runs"][key] = {"metrics": r.metrics(), "arrays": r.arrays(),
+                                "provenance": r.provenance(), "path": str(r.path)}
     out["summary"] = {n: summary_row(r["metrics"]) for n, r in out["runs"].items()}
     return out
 
@@ -466,7 +491,7 @@ def run_valid(result: dict, name: str) -> tuple[bool, str]:
     (issue 14: ``losses.logit_pairing`` summed over classes, and ALP+HE paired s·cos θ) are
     not: a run counts as fixed only if its objective config records its ``pairing`` term
     (the methods branch writes it); every run published so far lacks it."""
-    if name not in ALP_VARIANTS:
+    if split_name(name)[0] not in ALP_VARIANTS:
         return True, ""
     run = result["runs"][name]
     cfg = run.get("config")
@@ -480,7 +505,19 @@ def run_valid(result: dict, name: str) -> tuple[bool, str]:
     return False, ALP_PENDING
 
 
-def _correct(result: dict, name: str, attack: str) -> np.ndarray:
+def seeds_of(result: dict, base: str) -> list[str]:
+    """The result keys of ``base`` and ``base``+HE pairs at every seed where both exist:
+    [("pgd_at", "pgd_at_he"), ("pgd_at@s1", "pgd_at_he@s1"), ...]."""
+    runs, out = result["runs"], []
+    for seed in [None] + list(result["config"].get("extra_seeds") or []):
+        a, b = (base, f"{base}_he") if seed is None else \
+            (seed_name(base, seed), seed_name(f"{base}_he", seed))
+        if a in runs and b in runs:
+            out.append((a, b))
+    return out
+
+
+def _correct_one(result: dict, name: str, attack: str) -> np.ndarray:
     r = result["runs"][name]
     a, m = r["arrays"], r["metrics"]
     if attack == "autoattack":
@@ -491,9 +528,20 @@ def _correct(result: dict, name: str, attack: str) -> np.ndarray:
     return np.asarray(a[f"correct_{m['keys'][attack]}"], bool)
 
 
+def _correct(result: dict, name: str, attack: str) -> np.ndarray:
+    """Per-example correctness of run ``name`` (a main-seed name) under ``attack``: shape
+    (n,), or (seeds, n) where the run exists at extra seeds too (with its HE partner)."""
+    base = name[:-3] if name.endswith("_he") else name
+    pairs = seeds_of(result, base) if base in VARIANTS else []
+    keys = [p[1] if name.endswith("_he") else p[0] for p in pairs] or [name]
+    rows = [_correct_one(result, k, attack) for k in keys]
+    return rows[0] if len(rows) == 1 else np.stack(rows)
+
+
 def gain(result: dict, base: str, attack: str) -> claims.Estimate:
     """Gain (points) of ``base``+HE over ``base`` under ``attack`` ('pgd', 'cw', 'worst',
-    'autoattack'): the paired difference over the same test images, with its SE."""
+    'autoattack'): the paired difference over the same test images, with its SE; over the
+    seeds too where the pair was run at extra seeds (``claims.per_example``)."""
     return claims.paired(_correct(result, base, attack), _correct(result, f"{base}_he", attack))
 
 
@@ -526,10 +574,13 @@ def gain_table(result: dict):
 
 
 def _facts(result: dict, base: str, attack: str) -> dict:
-    cfg, m = result["config"], result["runs"][base]["metrics"]
-    n = len(_correct(result, base, attack))
-    return {"full_training_set": cfg.get("n_train") is None,
-            "baseline_clean": m["accuracy"]["clean"], "test_images": n,
+    """The floor's facts; the baseline's clean accuracy is the lowest over its seeds."""
+    cfg = result["config"]
+    keys = [p[0] for p in seeds_of(result, base)] or [base]
+    clean = min(result["runs"][k]["metrics"]["accuracy"]["clean"] for k in keys)
+    n = _correct(result, base, attack).shape[-1]
+    return {"full_training_set": cfg.get("n_train") is None, "seeds": len(keys),
+            "baseline_clean": clean, "test_images": n,
             "aa_images": n if attack == "autoattack" else 0,
             "architecture": cfg.get("architecture"), "epochs": cfg.get("epochs")}
 
@@ -541,7 +592,7 @@ def _rb(claim_id: str, metric: str):
         m = result["runs"]["pgd_at_he"]["metrics"]
         if metric == "autoattack" and "autoattack" not in m:
             return claims.Outcome("—", claims.NOT_YET_RUN, note="the run has no AutoAttack")
-        ok = (_correct(result, "pgd_at_he", "autoattack") if metric == "autoattack" else
+        ok = (_correct_one(result, "pgd_at_he", "autoattack") if metric == "autoattack" else
               np.asarray(result["runs"]["pgd_at_he"]["arrays"]["correct_clean"], bool))
         est = claims.proportion(float(ok.mean()), len(ok))
         cfg = result["config"]
