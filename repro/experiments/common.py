@@ -57,11 +57,11 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
     ``repro.train.train``).
 
     ``config`` must describe everything that changes the result; it keys the cache.
-    ``evaluate`` may take a second argument, ``folder``: the run folder, where it can keep the
+    ``evaluate`` may take a keyword argument ``folder``: the run folder, where it can keep the
     finished stages of a long evaluation so that a killed one resumes (``EvalStages``).
     """
     import inspect
-    takes_folder = len(inspect.signature(evaluate).parameters) >= 2
+    takes_folder = "folder" in inspect.signature(evaluate).parameters
 
     def compute(run: results.Run):
         model = model_fn()
@@ -70,7 +70,8 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
         weights = result.best_path if (use_best and result.best_path) else result.final_path
         train.load_weights(model, weights, device)
         model.to(device).eval()
-        metrics, arrays = evaluate(model, run.path) if takes_folder else evaluate(model)
+        metrics, arrays = (evaluate(model, folder=run.path) if takes_folder
+                           else evaluate(model))
         metrics["training"] = {"history": result.history, "seconds": result.seconds,
                                "best_step": result.best_step, "best_val": result.best_metric,
                                "weights": "best-on-validation" if weights == result.best_path
