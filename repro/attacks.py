@@ -4,10 +4,14 @@ Bounded attacks: ``pgd`` (L-inf / L2, random start, restarts, loss choice, targe
 ``fgsm`` (also Wong et al.'s FGSM-RS). Minimal-distance L2 attacks for the LMT chapter:
 ``cw_l2`` (Carlini & Wagner 2017) and ``deepfool_l2`` (Moosavi-Dezfooli et al. 2016).
 
-Every attack refuses images outside [0, 1] (``check_images``: a ``ValueError`` naming the
-range it got), runs the model in eval mode with its parameters frozen and restores both
-afterwards (``eval_mode``), computes losses in float32, and returns images inside the threat
-model and [0, 1] exactly: the last operation on every returned tensor is the projection/clamp.
+Every attack validates its arguments before any work (``repro.validate``; the table is
+``book/validation.md``): the model, images outside [0, 1] (``check_images``: a ``ValueError``
+naming the range it got), labels (1-D int64, one per image, 0 <= y < the model's number of
+outputs, checked against the first forward's logits without another host sync), eps, alpha,
+steps, restarts, norm, loss, flags and generator. It runs the model in eval mode with its
+parameters frozen and restores both afterwards (``eval_mode``), computes losses in float32,
+and returns images inside the threat model and [0, 1] exactly: the last operation on every
+returned tensor is the projection/clamp.
 
 Precision: ``pgd`` and ``fgsm`` are also the *training* attacks, so they run the model under
 whatever autocast the caller opened (the trainer's bf16 step makes them bf16 attacks, which
@@ -26,6 +30,8 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from repro import validate as V
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Loss = Union[str, LossFn]
 
@@ -38,6 +44,7 @@ def eval_mode(model: torch.nn.Module):
     inside a training model) comes back exactly as it was, also after an exception.
     Gradients are enabled inside, so attacks also work when called under ``torch.no_grad``.
     """
+    V.module("attacks.eval_mode", "model", model)
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
@@ -79,6 +86,9 @@ def float32(device=None):
             device = next((t.device for t in device.parameters()), torch.device("cpu"))
         elif isinstance(device, torch.Tensor):
             device = device.device
+        else:  # a name or a torch.device; switching autocast off needs no such device here
+            device = V.device("attacks.float32", "device", device, none=False, auto=False,
+                              available=False)
         kinds = sorted({torch.device(device).type, "cpu"})
     with contextlib.ExitStack() as stack:
         for kind in kinds:
@@ -95,45 +105,49 @@ def check_images(x: torch.Tensor, where: str, *, allow_uint8: bool = False) -> N
     Normalisation is the model's first layer (``repro.models.norms.Normalize``), so a batch
     already normalised with a mean/std, or float pixels in 0..255, would be attacked with an
     eps meant for [0, 1] and clamped into [0, 1] by every projection: results that mean
-    nothing. Every public function of ``repro`` that takes images calls this once per call:
-    one ``aminmax`` and one host sync (never per attack step). Empty batches pass.
+    nothing. Every public function of ``repro`` that takes images runs this check once per
+    call: one ``aminmax`` and one host sync (never per attack step). Empty batches pass.
 
-    Raises ``ValueError`` naming ``where``, the dtype or the range found (min/max).
+    Raises ``ValueError`` naming ``where``, the dtype or the range found (min/max). The
+    check itself lives in ``repro.validate.image_values`` (with the other argument checks).
     """
-    if not torch.is_tensor(x):
-        raise TypeError(f"{where}: images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.uint8 and allow_uint8:
-        return
-    if not x.is_floating_point():
-        raise ValueError(
-            f"{where}: images must be float pixels in [0, 1]"
-            + (" or uint8 pixels" if allow_uint8 else
-               " (convert uint8 images with repro.data.to_float)") + f", got dtype {x.dtype}")
-    if x.numel() == 0:
-        return
-    lo, hi = torch.stack(torch.aminmax(x.detach())).float().tolist()  # the one host sync
-    if lo >= 0 and hi <= 1:  # False for NaN too
-        return
-    if math.isnan(lo) or math.isnan(hi):
-        hint = ": the images contain NaN"
-    elif lo < 0:
-        hint = (": negative values look like images already normalised with a mean/std; pass "
-                "the raw [0, 1] images (normalisation is the model's first layer)")
-    else:
-        hint = (": values above 1 look like 0..255 pixels; divide by 255 (or pass uint8 "
-                "images where accepted). Pass un-normalised [0, 1] images; normalisation is "
-                "the model's first layer")
-    raise ValueError(f"{where}: images must be un-normalised float pixels in [0, 1], got "
-                     f"values in [{lo:.4g}, {hi:.4g}]{hint}")
+    V.image_values(x, where, allow_uint8=allow_uint8)
 
 
 # ----------------------------------------------------------------------------- losses
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example ``max_{j != y} z_j - z_y`` (positive iff misclassified)."""
+    """Per-example ``max_{j != y} z_j - z_y`` (positive iff misclassified). ``logits``
+    (N, C), ``y`` int64 (N,) (shapes and dtypes are checked; no host sync)."""
+    W = "attacks.margin"
+    V.tensor(W, "logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{W}: logits must be a 2-D tensor (N, C), got shape "
+                         f"{tuple(logits.shape)}")
+    V.tensor(W, "y", y)
+    if y.dtype != torch.int64 or y.shape != logits.shape[:1]:
+        raise ValueError(f"{W}: y must be int64 class indices of shape ({logits.shape[0]},), "
+                         f"got dtype {y.dtype} and shape {tuple(y.shape)}")
+    return _margin(logits, y)
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     return other - z_y
+
+
+LOSSES = ("ce", "cw", "kl")
+
+
+def _check_loss(where: str, loss) -> None:
+    if not callable(loss):
+        if not isinstance(loss, str):
+            raise TypeError(f"{where}: loss must be one of 'ce', 'cw', 'kl' or a callable "
+                            f"f(logits, y, clean_logits), got {type(loss).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"{where}: loss must be one of 'ce', 'cw', 'kl' or a callable "
+                             f"f(logits, y, clean_logits), got {loss!r}")
 
 
 def _loss_fn(loss: Loss) -> LossFn:
@@ -142,16 +156,30 @@ def _loss_fn(loss: Loss) -> LossFn:
     if loss == "ce":
         return lambda z, y, _: F.cross_entropy(z, y, reduction="none")
     if loss == "cw":
-        return lambda z, y, _: margin(z, y)
+        return lambda z, y, _: _margin(z, y)
     if loss == "kl":  # TRADES: KL(p_clean || p_adv) per example
         return lambda z, y, zc: F.kl_div(F.log_softmax(z, 1), F.log_softmax(zc, 1),
                                          reduction="none", log_target=True).sum(1)
     raise ValueError(f"unknown loss {loss!r}; use 'ce', 'cw', 'kl' or a callable")
 
 
-def _objective(model, x_adv, y, loss_fn, clean_logits, targeted):
+def _logit_check(where: str, n: int, y_range, min_classes: int = 1):
+    """Host-only check of a model's output against the labels' range (fetched with the
+    image range, so no extra sync): logits (n, C), C >= ``min_classes``, every y < C."""
+    def check(logits):
+        c = V.logits(where, logits, n)
+        if c < min_classes:
+            raise ValueError(f"{where}: the model must return logits for at least "
+                             f"{min_classes} classes, got shape {tuple(logits.shape)}")
+        V.classes(where, y_range, c)
+    return check
+
+
+def _objective(model, x_adv, y, loss_fn, clean_logits, targeted, check=None):
     """The quantity every attack step ascends: the loss, or minus it when targeted."""
     logits = model(x_adv).float()  # float32 loss even under a bf16 autocast
+    if check is not None:
+        check(logits)
     obj = loss_fn(logits, y, clean_logits)
     return (-obj if targeted else obj), logits
 
@@ -163,7 +191,18 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x``, then [0, 1]."""
+    """Project ``x_adv`` onto the ``norm`` ball ('linf' | 'l2', any case) of radius ``eps``
+    (finite, >= 0) around ``x`` (same shape), then [0, 1]."""
+    W = "attacks.project"
+    V.tensor(W, "x_adv", x_adv)
+    V.tensor(W, "x", x)
+    if x_adv.shape != x.shape:
+        raise ValueError(f"{W}: x_adv must have the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(x_adv.shape)}")
+    return _project(x_adv, x, V.radius(W, "eps", eps), V.norm(W, "norm", norm))
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     elif norm == "l2":
@@ -185,7 +224,7 @@ def _random_start(x, eps, norm, generator):
         d = torch.randn(x.shape, generator=generator, device=dev)
         r = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device=dev)
         d = d / _flat_norm(d).clamp_min(1e-12) * r * eps
-    return project(x + d.to(x.device, x.dtype), x, eps, norm)
+    return _project(x + d.to(x.device, x.dtype), x, eps, norm)
 
 
 def _step(x_adv, grad, alpha, norm):
@@ -197,19 +236,19 @@ def _step(x_adv, grad, alpha, norm):
 # ----------------------------------------------------------------------------- PGD
 
 def _pgd_run(model, x, y, eps, alpha, steps, norm, loss_fn, clean_logits, start, targeted,
-             score=True):
+             score=True, check=None):
     """One PGD run from ``start``. ``score``: also return the final objective and success
     (one more forward pass; only needed to pick the worst of several restarts)."""
     x_adv = start
     for _ in range(steps):  # no early stopping: every example takes every step
         x_adv = x_adv.detach().requires_grad_(True)
-        obj, _ = _objective(model, x_adv, y, loss_fn, clean_logits, targeted)
+        obj, _ = _objective(model, x_adv, y, loss_fn, clean_logits, targeted, check)
         (grad,) = torch.autograd.grad(obj.sum(), x_adv)
-        x_adv = project(_step(x_adv.detach(), grad, alpha, norm), x, eps, norm)
+        x_adv = _project(_step(x_adv.detach(), grad, alpha, norm), x, eps, norm)
     if not score:
         return x_adv.detach(), None, None
     with torch.no_grad():
-        obj, logits = _objective(model, x_adv, y, loss_fn, clean_logits, targeted)
+        obj, logits = _objective(model, x_adv, y, loss_fn, clean_logits, targeted, check)
         pred = logits.argmax(1)
         success = pred == y if targeted else pred != y
     return x_adv.detach(), obj.detach(), success
@@ -227,10 +266,37 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     With ``restarts`` > 1, each example keeps its worst restart: successful first, then
     highest loss; restart 1 consumes the generator first, so more restarts never help the
     model. Returns x_adv with ``x``'s shape and dtype, in the ball and in [0, 1].
+
+    Validated first (``ValueError``/``TypeError`` naming the argument): ``model`` a Module;
+    ``x`` float images in [0, 1] with a batch dimension; ``y`` int64 (N,) with
+    0 <= y < the model's outputs; ``eps``, ``alpha`` finite >= 0; ``steps`` int >= 0;
+    ``restarts`` int >= 1; ``norm`` 'linf' | 'l2' (any case); ``loss`` as above ('kl' needs
+    ``random_start``); ``random_start``, ``targeted`` bools; ``generator`` None or a
+    ``torch.Generator``.
     """
-    if steps < 0 or restarts < 1:
-        raise ValueError("need steps >= 0 and restarts >= 1")
-    check_images(x, "attacks.pgd")
+    W = "attacks.pgd"
+    V.module(W, "model", model)
+    eps, alpha = V.radius(W, "eps", eps), V.radius(W, "alpha", alpha)
+    steps = V.count(W, "steps", steps, min=0)
+    restarts = V.count(W, "restarts", restarts, min=1)
+    norm = V.norm(W, "norm", norm)
+    _check_loss(W, loss)
+    random_start = V.flag(W, "random_start", random_start)
+    targeted = V.flag(W, "targeted", targeted)
+    V.generator(W, "generator", generator)
+    if isinstance(loss, str) and loss == "kl" and not random_start and steps > 0:
+        raise ValueError(f"{W}: loss='kl' needs random_start=True (the KL to the clean "
+                         f"prediction has zero gradient at x, so PGD would not move), got "
+                         f"random_start=False")
+    y_range = V.batch(W, x, y, ndim=None, min_ndim=2)  # the one host sync
+    return _pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts,
+                loss=loss, random_start=random_start, targeted=targeted, generator=generator,
+                check=_logit_check(W, len(x), y_range))
+
+
+def _pgd(model, x, y, *, eps, alpha, steps, norm, restarts, loss, random_start, targeted,
+         generator, check):
+    """``pgd`` after validation."""
     loss_fn = _loss_fn(loss)
     x, y = x.detach(), y.detach()
     with eval_mode(model):
@@ -238,11 +304,13 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         if loss != "ce" and loss != "cw":  # 'kl' and callables see the clean prediction
             with torch.no_grad():
                 clean_logits = model(x).float()
+            check(clean_logits)
         best = best_obj = best_success = None
         for _ in range(restarts):
             start = _random_start(x, eps, norm, generator) if random_start else x.clone()
             x_adv, obj, success = _pgd_run(model, x, y, eps, alpha, steps, norm, loss_fn,
-                                           clean_logits, start, targeted, score=restarts > 1)
+                                           clean_logits, start, targeted, score=restarts > 1,
+                                           check=check)
             if best is None:
                 best, best_obj, best_success = x_adv, obj, success
                 continue
@@ -259,9 +327,22 @@ def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     """One signed-gradient step of size ``alpha`` (default ``eps``) in the L-inf ball.
 
     With ``random_start=True`` and ``alpha`` ~ 1.25 eps this is FGSM-RS (Wong et al. 2020).
+    Validated like ``pgd`` (``alpha``: None or finite >= 0).
     """
-    return pgd(model, x, y, eps=eps, alpha=eps if alpha is None else alpha, steps=1,
-               norm="linf", loss=loss, random_start=random_start, generator=generator)
+    W = "attacks.fgsm"
+    V.module(W, "model", model)
+    eps = V.radius(W, "eps", eps)
+    alpha = eps if alpha is None else V.radius(W, "alpha", alpha)
+    _check_loss(W, loss)
+    random_start = V.flag(W, "random_start", random_start)
+    V.generator(W, "generator", generator)
+    if isinstance(loss, str) and loss == "kl" and not random_start:
+        raise ValueError(f"{W}: loss='kl' needs random_start=True (the KL to the clean "
+                         f"prediction has zero gradient at x), got random_start=False")
+    y_range = V.batch(W, x, y, ndim=None, min_ndim=2)
+    return _pgd(model, x, y, eps=eps, alpha=alpha, steps=1, norm="linf", restarts=1,
+                loss=loss, random_start=random_start, targeted=False, generator=generator,
+                check=_logit_check(W, len(x), y_range))
 
 
 # ----------------------------------------------------------------------------- minimal L2
@@ -298,8 +379,20 @@ def cw_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
 
     Returns (x_adv, dist): the smallest-L2 misclassified point found per example (x itself
     where none was found) and its L2 distance (inf where none was found).
+
+    Validated first: ``steps``, ``binary_search_steps`` ints >= 1; ``lr``, ``initial_const``
+    finite > 0; ``confidence`` finite >= 0; images and labels as in ``pgd``; the model must
+    have at least 2 outputs.
     """
-    check_images(x, "attacks.cw_l2")
+    W = "attacks.cw_l2"
+    V.module(W, "model", model)
+    steps = V.count(W, "steps", steps, min=1)
+    binary_search_steps = V.count(W, "binary_search_steps", binary_search_steps, min=1)
+    lr = V.positive(W, "lr", lr)
+    confidence = V.nonneg(W, "confidence", confidence)
+    initial_const = V.positive(W, "initial_const", initial_const)
+    check = _logit_check(W, len(x), V.batch(W, x, y, ndim=None, min_ndim=2), min_classes=2)
+    checked = False
     x, y = x.detach(), y.detach()
     n, shape1 = len(x), (-1,) + (1,) * (x.dim() - 1)
     dev = x.device
@@ -318,13 +411,17 @@ def cw_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
             for _ in range(steps):
                 x_adv = ((torch.tanh(w) + 1) / 2).to(x.dtype)
                 logits = model(x_adv).float()
+                if not checked:
+                    check(logits)
+                    checked = True
                 dist2 = (x_adv.float() - x.float()).flatten(1).pow(2).sum(1)
-                f = (-margin(logits, y) + confidence).clamp_min(0)
+                f = (-_margin(logits, y) + confidence).clamp_min(0)
                 opt.zero_grad(set_to_none=True)
                 (dist2 + const * f).sum().backward()
                 opt.step()
                 with torch.no_grad():  # C&W success test: misclassified by `confidence`
-                    ok = margin(logits, y) > confidence if confidence > 0 else logits.argmax(1) != y
+                    ok = (_margin(logits, y) > confidence if confidence > 0
+                          else logits.argmax(1) != y)
                     d = dist2.sqrt()
                     improve = ok & (d < best_dist)
                     best_dist = torch.where(improve, d, best_dist)
@@ -343,13 +440,22 @@ def deepfool_l2(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     ``candidates`` top-scoring classes until the label flips, then overshoot by (1 + o).
 
     Returns (x_adv, dist) like ``cw_l2``; images are clamped to [0, 1].
+
+    Validated first: ``steps`` int >= 1; ``overshoot`` finite >= 0; ``candidates`` int >= 2;
+    images and labels as in ``pgd``; the model must have at least 2 outputs.
     """
-    check_images(x, "attacks.deepfool_l2")
+    W = "attacks.deepfool_l2"
+    V.module(W, "model", model)
+    steps = V.count(W, "steps", steps, min=1)
+    overshoot = V.nonneg(W, "overshoot", overshoot)
+    candidates = V.count(W, "candidates", candidates, min=2)
+    check = _logit_check(W, len(x), V.batch(W, x, y, ndim=None, min_ndim=2), min_classes=2)
     x, y = x.detach(), y.detach()
     shape1 = (-1,) + (1,) * (x.dim() - 1)
     with eval_mode(model), float32(x.device):
         with torch.no_grad():
             logits0 = model(x).float()
+        check(logits0)
         k = min(candidates, logits0.shape[1])
         # column 0: the true class; then the k-1 highest-scoring other classes
         others = logits0.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).indices

@@ -11,6 +11,10 @@ Where the data comes from, in this order:
   3. a torchvision download into ROOT, only when ``download=True`` and torchvision imports.
 ROOT is the ``root`` argument, else ``$REPRO_DATA``, else ``.data/`` in the project checkout.
 Nothing found is an error that says where we looked: there is no fallback to fake data.
+
+Every public function validates its arguments before any work (``repro.validate``; the table
+is ``book/validation.md``): dataset names, counts (limits within what a split holds,
+``val_size``, batch sizes, steps), seeds, devices named by strings, and image/label tensors.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from repro import validate as V
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = PROJECT_ROOT / ".data"
@@ -73,14 +79,22 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Dataset":
-        """Move every split to ``device`` (e.g. the whole set onto the GPU)."""
+        """Move every split to ``device`` (e.g. the whole set onto the GPU): 'auto', 'cpu',
+        'cuda', 'cuda:N', 'mps' or a torch.device."""
+        device = V.device("data.Dataset.to", "device", device, none=False)
         moved = {k: getattr(self, k).to(device) for k in
                  ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
         return Dataset(self.name, self.classes, source=self.source, extras=self.extras, **moved)
 
     def limit(self, n_train: int | None = None, n_val: int | None = None,
               n_test: int | None = None) -> "Dataset":
-        """The first n images of each split (the stored order is already shuffled)."""
+        """The first n images of each split (the stored order is already shuffled). Each n is
+        None (the whole split) or an int in [0, the split's size]."""
+        W = "data.Dataset.limit"
+        for name, n, t in (("n_train", n_train, self.y_train), ("n_val", n_val, self.y_val),
+                           ("n_test", n_test, self.y_test)):
+            V.count(W, name, n, min=0, max=len(t), none=True)  # at most what the split has
+
         def cut(t, n):
             return t if n is None else t[:n]
         return Dataset(self.name, self.classes,
@@ -94,7 +108,15 @@ class Dataset:
                 f"{tuple(self.x_val.shape)}, test {tuple(self.x_test.shape)}, from {self.source})")
 
 
+def _root(where: str, root) -> None:
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{where}: root must be None, a str or an os.PathLike folder, got "
+                        f"{type(root).__name__}")
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path:
+    """``root``, else ``$REPRO_DATA``, else ``.data/`` in the project checkout."""
+    _root("data.data_root", root)
     if root is not None:
         return Path(root)
     env = os.environ.get("REPRO_DATA")
@@ -107,9 +129,16 @@ def load(name: str, root: str | os.PathLike | None = None, *, val_size: int | No
 
     The validation split is a fixed random subset of train (``seed``), so checkpoint
     selection never touches the test set. Default size: 5000 for MNIST, 2000 for CIFAR.
+    Validated first: ``name`` one of ``NAMES``; ``root`` None, str or PathLike;
+    ``val_size`` None or an int >= 0 (and below the training set's size, checked once it is
+    read); ``download`` a bool; ``seed`` an int.
     """
-    if name not in NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    W = "data.load"
+    name = V.choice(W, "name", name, NAMES)
+    _root(W, root)
+    val_size = V.count(W, "val_size", val_size, min=0, none=True)
+    V.flag(W, "download", download)
+    seed = V.integer(W, "seed", seed)
     base = data_root(root)
     arrays, source = _read(name, base, download)
     x_train = _to_nchw(arrays["x_train"])
@@ -119,7 +148,8 @@ def load(name: str, root: str | os.PathLike | None = None, *, val_size: int | No
     if val_size is None:
         val_size = 5000 if name == "mnist" else 2000
     if not 0 <= val_size < len(y_train):
-        raise ValueError(f"val_size must be in [0, {len(y_train)}), got {val_size}")
+        raise ValueError(f"{W}: val_size must be in [0, {len(y_train)}) ({name} has "
+                         f"{len(y_train)} training images), got {val_size}")
     perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     classes = [str(c) for c in arrays.get("classes", range(NUM_CLASSES[name]))]
@@ -230,7 +260,14 @@ def _torchvision_download(name: str, base: Path) -> None:
 
 def prepare_offline(root: str | os.PathLike | None = None, names=NAMES,
                     shared: Path = SHARED_DATA) -> Path:
-    """Write ``ROOT/<name>.npz`` from the project's offline copy in ``../shared/data``."""
+    """Write ``ROOT/<name>.npz`` from the project's offline copy in ``../shared/data``
+    (``names``: a sequence of names from ``NAMES``)."""
+    W = "data.prepare_offline"
+    _root(W, root)
+    if isinstance(names, str) or not isinstance(names, (tuple, list)):
+        raise TypeError(f"{W}: names must be a list or tuple of dataset names from "
+                        f"{NAMES}, got {V._show(names)}")
+    names = [V.choice(W, f"names[{i}]", n, NAMES) for i, n in enumerate(names)]
     base = data_root(root)
     script = shared / "prepare.py"
     if not script.exists():
@@ -243,7 +280,13 @@ def prepare_offline(root: str | os.PathLike | None = None, names=NAMES,
 # ----------------------------------------------------------------------------- batches
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1] (a float tensor is returned unchanged)."""
+    """uint8 images -> float32 in [0, 1] (a float tensor is returned unchanged; any other
+    dtype is refused: no host sync, dtype only)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"data.to_float: x must be a torch.Tensor of images, got "
+                        f"{type(x).__name__}")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise ValueError(f"data.to_float: x must be uint8 or float images, got dtype {x.dtype}")
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
@@ -255,7 +298,17 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True,
     the CPU, so the same seed gives the same crops on any device). On CUDA the draws travel
     in one pinned, non-blocking copy: no stream synchronisation per batch (a plain
     ``.to('cuda')`` of a pageable CPU tensor waits for the GPU to drain its queue).
+    Validated (host-only): ``x`` a 4-D uint8/float tensor; ``pad`` an int >= 0; ``flip`` a
+    bool; ``generator`` None or a CPU ``torch.Generator``.
     """
+    W = "data.augment"
+    V.tensor(W, "x", x)
+    if x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise ValueError(f"{W}: x must be a batch of uint8 or float images (N, C, H, W), got "
+                         f"dtype {x.dtype} and shape {tuple(x.shape)}")
+    pad = V.count(W, "pad", pad, min=0)
+    V.flag(W, "flip", flip)
+    V.generator(W, "generator", generator, cpu=True)
     n, _, h, w = x.shape
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -276,12 +329,20 @@ def augment(x: torch.Tensor, *, pad: int = 4, flip: bool = True,
 
 def batch_generator(seed: int, epoch: int, step: int = 0) -> torch.Generator:
     """The CPU generator for one batch: a pure function of (seed, epoch, step), so a run
-    resumed at any step draws exactly the same crops and flips as an uninterrupted one."""
+    resumed at any step draws exactly the same crops and flips as an uninterrupted one.
+    ``seed`` an int; ``epoch``, ``step`` ints >= 0."""
+    W = "data.batch_generator"
+    seed, epoch = V.integer(W, "seed", seed), V.count(W, "epoch", epoch, min=0)
+    step = V.count(W, "step", step, min=0)
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % (2**63))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of epoch ``epoch``: depends only on (seed, epoch)."""
+    """The shuffled order of epoch ``epoch``: depends only on (seed, epoch). ``n``, ``epoch``
+    ints >= 0; ``seed`` an int."""
+    W = "data.epoch_order"
+    n, seed = V.count(W, "n", n, min=0), V.integer(W, "seed", seed)
+    epoch = V.count(W, "epoch", epoch, min=0)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
@@ -292,8 +353,40 @@ def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: in
 
     Everything is a function of (seed, epoch, step), which is what makes resume exact.
     With x already on the GPU, indexing and augmentation happen there.
+
+    Validated when called (not at the first ``next``): ``x`` a uint8/float tensor (N, C, H, W)
+    (any rank >= 2 without augmentation); ``y`` int64 (N,); ``batch_size`` >= 1; ``seed`` an
+    int; ``epoch``, ``start_step`` >= 0; the flags bools; ``device``.
     """
-    device = x.device if device is None else torch.device(device)
+    W = "data.train_batches"
+    augment_images = V.flag(W, "augment_images", augment_images)
+    _xy(W, x, y, ndim=4 if augment_images else None)
+    batch_size = V.count(W, "batch_size", batch_size)
+    seed, epoch = V.integer(W, "seed", seed), V.count(W, "epoch", epoch, min=0)
+    start_step = V.count(W, "start_step", start_step, min=0)
+    drop_last = V.flag(W, "drop_last", drop_last)
+    device = V.device(W, "device", device)
+    return _train_batches(x, y, batch_size, seed=seed, epoch=epoch, start_step=start_step,
+                          augment_images=augment_images, drop_last=drop_last, device=device)
+
+
+def _xy(where: str, x, y, *, ndim: int | None) -> None:
+    """Host-only: images uint8/float with a batch dimension, one int64 label each."""
+    V.tensor(where, "x", x)
+    if not (x.dtype == torch.uint8 or x.is_floating_point()) or \
+            (x.dim() != ndim if ndim is not None else x.dim() < 2):
+        want = "(N, C, H, W)" if ndim == 4 else "(N, ...)"
+        raise ValueError(f"{where}: x must be uint8 or float images {want}, got dtype "
+                         f"{x.dtype} and shape {tuple(x.shape)}")
+    V.tensor(where, "y", y)
+    if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"{where}: y must be int64 labels of shape ({len(x)},) (one per "
+                         f"image of x), got dtype {y.dtype} and shape {tuple(y.shape)}")
+
+
+def _train_batches(x, y, batch_size, *, seed, epoch, start_step, augment_images, drop_last,
+                   device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    device = x.device if device is None else device
     n = len(y)
     order = epoch_order(n, seed, epoch)    # one copy per epoch, not per batch; pinned and
     if x.device.type == "cuda":            # asynchronous on CUDA (no stream sync)
@@ -311,11 +404,23 @@ def train_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: in
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Batches per epoch of ``n`` (int >= 0) examples at ``batch_size`` (int >= 1)."""
+    W = "data.steps_per_epoch"
+    n, batch_size = V.count(W, "n", n, min=0), V.count(W, "batch_size", batch_size)
+    drop_last = V.flag(W, "drop_last", drop_last)
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device=None):
-    """Ordered float batches in [0,1], no augmentation."""
-    device = x.device if device is None else torch.device(device)
+    """Ordered float batches in [0,1], no augmentation (validated when called: ``x`` uint8 or
+    float (N, ...), ``y`` int64 (N,), ``batch_size`` >= 1, ``device``)."""
+    W = "data.eval_batches"
+    _xy(W, x, y, ndim=None)
+    batch_size = V.count(W, "batch_size", batch_size)
+    device = V.device(W, "device", device)
+    return _eval_batches(x, y, batch_size, x.device if device is None else device)
+
+
+def _eval_batches(x, y, batch_size, device):
     for i in range(0, len(y), batch_size):
         yield to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)

@@ -1,4 +1,5 @@
-"""Clean and robust accuracy, official AutoAttack, and gradient-masking sanity checks.
+"""Clean and robust accuracy and official AutoAttack (the gradient-masking sanity checks are
+in ``repro.sanity``, re-exported here).
 
 Results keep per-example correctness (numpy bool arrays) rather than only percentages: robust
 accuracy is the per-example worst case over attacks, and later chapters (BAT's atypical
@@ -10,21 +11,25 @@ instance from a training loop's validation): ``predict``, ``robust_eval`` (with 
 it is given), ``autoattack``, ``zero_gradient_fraction`` and ``sanity_report`` switch off
 any autocast around their work (``repro.attacks.float32``). A bf16 attack can be weaker and
 overstate robustness; training attacks may use bf16, reported numbers do not.
+
+Every entry point validates its arguments before any work (``repro.validate``; the table is
+``book/validation.md``): images (uint8 or float in [0, 1]), labels (int64, one per image,
+0 <= y < the model's number of outputs, found with one single-image forward), radii, counts,
+tolerances, norms, versions and devices, with errors that name the argument and its range.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from repro import attacks as A
+from repro import validate as V
 from repro.data import to_float
 
 Attack = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,12 +43,35 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _norms(norm: str) -> tuple[str, str]:
+def _norms(norm: str, where: str = "evaluate", name: str = "norm") -> tuple[str, str]:
     """('linf'|'l2' for repro.attacks, 'Linf'|'L2' for AutoAttack)."""
-    n = norm.lower()
-    if n not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    n = V.norm(where, name, norm)
     return n, {"linf": "Linf", "l2": "L2"}[n]
+
+
+def _num_classes(where: str, model: torch.nn.Module, x: torch.Tensor,
+                 device: torch.device) -> int | None:
+    """The model's number of outputs, from one eval-mode forward of one image (None for an
+    empty batch); refuses outputs that are not logits (N, C)."""
+    if len(x) == 0:
+        return None
+    with A.eval_mode(model), torch.no_grad():
+        z = model(to_float(x[:1].to(device)))
+    return V.logits(where, z, 1)
+
+
+def _inputs(where: str, model, x, y, *, ndim: int | None, device) -> tuple[torch.device,
+                                                                           int | None]:
+    """The checks every evaluation entry point shares, in order: the model, the device, the
+    images and labels (one host sync), then the labels against the model's outputs."""
+    V.module(where, "model", model)
+    device = V.device(where, "device", device)
+    device = _model_device(model) if device is None else device
+    y_range = V.batch(where, x, y, allow_uint8=True, ndim=ndim, min_ndim=2)
+    n_cls = _num_classes(where, model.to(device), x, device)
+    if n_cls is not None:
+        V.classes(where, y_range, n_cls)
+    return device, n_cls
 
 
 # ----------------------------------------------------------------------------- results
@@ -129,9 +157,14 @@ def _describe(attack) -> str:
 def predict(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device=None) -> torch.Tensor:
     """Eval-mode argmax predictions (on the CPU) for uint8 or float images in [0, 1]
-    (``ValueError`` otherwise, see ``repro.attacks.check_images``)."""
-    A.check_images(x, "evaluate.predict", allow_uint8=True)
-    device = _model_device(model) if device is None else torch.device(device)
+    (``ValueError`` otherwise, see ``repro.attacks.check_images``). ``batch_size`` >= 1;
+    ``device``: None (the model's), 'auto', 'cpu', 'cuda[:N]', 'mps' or a torch.device."""
+    W = "evaluate.predict"
+    V.module(W, "model", model)
+    batch_size = V.count(W, "batch_size", batch_size)
+    device = V.device(W, "device", device)
+    V.images(W, x, allow_uint8=True, ndim=None, min_ndim=2)
+    device = _model_device(model) if device is None else device
     out = []
     with A.eval_mode(model), torch.no_grad():
         for i in range(0, len(x), batch_size):
@@ -149,15 +182,41 @@ def robust_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     ``x``: uint8 or float images in [0, 1] (any device; batches are moved to ``device``,
     default the model's device, where the model is moved as well). ``threat=(norm, eps)``
     asserts that every adversarial batch stays in that ball and in [0, 1]. Float images
-    outside [0, 1] (normalised, or 0..255) raise ``ValueError`` before any work.
+    outside [0, 1] (normalised, or 0..255) raise ``ValueError`` before any work, and so do
+    labels that are not int64 (N,) class indices of the model, attacks that are not
+    callables (a mapping needs string names), ``batch_size`` < 1, a bad ``threat`` or an
+    unknown ``device``.
     """
-    A.check_images(x, "evaluate.robust_eval", allow_uint8=True)
+    W = "evaluate.robust_eval"
+    batch_size = V.count(W, "batch_size", batch_size)
+    V.flag(W, "progress", progress)
+    if threat is not None:
+        if not isinstance(threat, (tuple, list)) or len(threat) != 2:
+            raise TypeError(f"{W}: threat must be None or a pair (norm, eps), got "
+                            f"{V._show(threat)}")
+        threat = (_norms(threat[0], W, "threat[0] (norm)")[0],
+                  V.nonneg(W, "threat[1] (eps)", threat[1]))
+    if isinstance(attacks, Mapping):
+        for k, a in attacks.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{W}: attacks must map string names to attacks, got the key "
+                                f"{k!r} ({type(k).__name__})")
+            if not callable(a):
+                raise TypeError(f"{W}: attacks[{k!r}] must be a callable attack(model, x, y) "
+                                f"-> x_adv, got {type(a).__name__}")
+    elif isinstance(attacks, (list, tuple)):
+        for i, a in enumerate(attacks):
+            if not callable(a):
+                raise TypeError(f"{W}: attacks[{i}] must be a callable attack(model, x, y) -> "
+                                f"x_adv, got {type(a).__name__}")
+    else:
+        raise TypeError(f"{W}: attacks must be a mapping name -> attack or a list of "
+                        f"attacks, got {type(attacks).__name__}")
+    device, _ = _inputs(W, model, x, y, ndim=None, device=device)
     if not isinstance(attacks, Mapping):
         names = [getattr(a, "__name__", type(a).__name__) for a in attacks]
         attacks = {(n if names.count(n) == 1 else f"{n}#{i}"): a
                    for i, (n, a) in enumerate(zip(names, attacks))}
-    device = _model_device(model) if device is None else torch.device(device)
-    model.to(device)
     clean, per = [], {k: [] for k in attacks}
     bar = tqdm(total=len(y), desc="robust eval", unit="img", disable=not progress)
     for i in range(0, len(y), batch_size):
@@ -214,24 +273,40 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     reads ``-modified`` and ``info["dropped"]`` says why; FAB-T then targets the n-1 other
     classes. Fewer than 2 classes raise ``ValueError``. Float images outside [0, 1] raise
     ``ValueError`` (``repro.attacks.check_images``).
+
+    Validated first: ``eps`` finite > 0; ``norm`` 'Linf' | 'L2' (any case); ``version``;
+    ``batch_size`` >= 1; ``seed`` int >= 0; ``n_iter``, ``square_queries`` None or >= 1;
+    ``n_target_classes`` None or in [1, classes - 1]; ``verbose`` a bool; ``x`` (N, C, H, W)
+    uint8 or float in [0, 1]; ``y`` int64 (N,) in [0, classes); ``device``.
     """
     from pyautoattack import AutoAttack
 
-    if version not in ("standard", "fast"):
-        raise ValueError(f"version must be 'standard' or 'fast', got {version!r}")
-    _, aa_norm = _norms(norm)
-    A.check_images(x, "evaluate.autoattack", allow_uint8=True)
-    device = _model_device(model) if device is None else torch.device(device)
+    W = "evaluate.autoattack"
+    eps = V.positive(W, "eps", eps)
+    _, aa_norm = _norms(norm, W)
+    version = V.choice(W, "version", version, ("standard", "fast"))
+    batch_size = V.count(W, "batch_size", batch_size)
+    seed = V.count(W, "seed", seed, min=0)
+    n_iter = V.count(W, "n_iter", n_iter, none=True)
+    n_target_classes = V.count(W, "n_target_classes", n_target_classes, none=True)
+    square_queries = V.count(W, "square_queries", square_queries, none=True)
+    V.flag(W, "verbose", verbose)
+    V.module(W, "model", model)
+    device = V.device(W, "device", device)
+    device = _model_device(model) if device is None else device
+    y_range = V.batch(W, x, y, allow_uint8=True, ndim=4)
     model.to(device)
-    xf, y = to_float(x).float(), y.long()
+    n_cls = _num_classes(W, model, x, device)
+    if n_cls is not None and n_cls < 2:
+        raise ValueError(f"evaluate.autoattack: the model has {n_cls} output; AutoAttack "
+                         f"needs logits for at least 2 classes")
+    if n_cls is not None:
+        V.classes(W, y_range, n_cls)
+        if n_target_classes is not None:
+            V.count(W, "n_target_classes", n_target_classes, min=1, max=n_cls - 1)
+    xf = to_float(x).float()
     clean = predict(model, xf, batch_size=batch_size, device=device) == y.cpu()
-    n_cls = None
     with A.eval_mode(model):
-        with torch.no_grad():
-            n_cls = model(xf[:1].to(device)).shape[1]
-        if n_cls < 2:
-            raise ValueError(f"evaluate.autoattack: the model has {n_cls} output; AutoAttack "
-                             f"needs logits for at least 2 classes")
         if version == "standard":
             aa = AutoAttack(model, norm=aa_norm, eps=eps, version="standard", device=device,
                             seed=seed)
@@ -283,174 +358,15 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     return EvalResult(clean.numpy(), {key: robust}, {key: info})
 
 
-# ----------------------------------------------------------------------------- sanity checks
-
-@dataclass
-class Check:
-    """One sanity check: what was observed, whether it passed, and what that suggests."""
-
-    name: str
-    passed: bool
-    observed: dict
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{'ok' if self.passed else 'FLAG'}] {self.name}: {self.message}"
+# The sanity checks live in repro.sanity (one concept per module); their public names stay
+# reachable from here, where the chapters and the book have always found them (a lazy
+# attribute: repro.sanity imports this module).
+_SANITY = ("Check", "SanityReport", "check_dynamic", "check_randomized", "check_softmax_output",
+           "sanity_report", "zero_gradient_fraction")
 
 
-@dataclass
-class SanityReport:
-    checks: list[Check]
-    accuracy: dict[str, float]
-    settings: dict
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def __getitem__(self, name: str) -> Check:
-        return next(c for c in self.checks if c.name == name)
-
-    def flags(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "accuracy": self.accuracy, "settings": self.settings,
-                "checks": [vars(c) for c in self.checks]}
-
-    def __str__(self) -> str:
-        head = (f"Gradient-masking sanity report ({self.settings['norm']}, eps="
-                f"{self.settings['eps']:.5g}, n={self.settings['n']}): "
-                f"{'no flags' if self.passed else f'{len(self.flags())} flag(s)'}")
-        accs = "  ".join(f"{k} {100 * v:.2f}%" for k, v in self.accuracy.items())
-        return "\n".join([head, "  accuracy: " + accs, *("  " + str(c) for c in self.checks)])
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.2f}%"
-
-
-@A.float32()
-def zero_gradient_fraction(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                           batch_size: int = 256, device=None) -> float:
-    """Fraction of examples whose cross-entropy input-gradient is exactly zero (uint8 or
-    float images in [0, 1])."""
-    A.check_images(x, "evaluate.zero_gradient_fraction", allow_uint8=True)
-    device = _model_device(model) if device is None else torch.device(device)
-    zero = 0
-    with A.eval_mode(model):
-        for i in range(0, len(y), batch_size):
-            xb = to_float(x[i:i + batch_size].to(device)).requires_grad_(True)
-            loss = F.cross_entropy(model(xb).float(), y[i:i + batch_size].to(device),
-                                   reduction="sum")
-            (g,) = torch.autograd.grad(loss, xb)
-            zero += int((g.flatten(1).abs().sum(1) == 0).sum())
-    return zero / max(1, len(y))
-
-
-@A.float32()
-def sanity_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                  norm: str = "Linf", steps: int = 10, loss: str = "ce",
-                  large_eps: float | None = None, aa_version: str = "fast",
-                  aa_n_iter: int | None = None, square_queries: int = 1000,
-                  tol: float = 0.01, gap_tol: float = 0.05, batch_size: int = 256,
-                  device=None, seed: int = 0, progress: bool = False) -> SanityReport:
-    """Flag signs of gradient masking (after AutoAttack's checks.py and Carlini et al. 2019).
-
-    Runs PGD-``steps`` and PGD-10x``steps`` (same random starts), PGD at ``large_eps``
-    (default: the whole [0,1] box), AutoAttack (``aa_version``), Square (black-box,
-    ``square_queries``) and an input-gradient census, then checks: large eps -> ~0 accuracy;
-    more steps never help the model; AutoAttack <= PGD; PGD not far above AutoAttack
-    (``gap_tol``); Square no better than white-box; no zero gradients. ``tol`` absorbs noise.
-    """
-    from pyautoattack.square import SquareAttack
-
-    A.check_images(x, "evaluate.sanity_report", allow_uint8=True)
-    lnorm, aa_norm = _norms(norm)
-    n = len(y)
-    tol = max(tol, 1.0 / max(1, n))  # one example can always flip
-    dim = math.prod(x.shape[1:])
-    if large_eps is None:  # a ball that contains the whole box: any label is reachable
-        large_eps = 1.0 if lnorm == "linf" else math.sqrt(dim)
-    device = _model_device(model) if device is None else torch.device(device)
-
-    def pgd_attack(e, k, alpha):
-        g = torch.Generator().manual_seed(seed)
-        return lambda m, xb, yb: A.pgd(m, xb, yb, eps=e, alpha=alpha, steps=k, norm=lnorm,
-                                       loss=loss, random_start=True, generator=g)
-
-    sq = SquareAttack(lambda z: model(z), norm=aa_norm, n_queries=square_queries, eps=eps,
-                      p_init=0.8, n_restarts=1, seed=seed, verbose=False, device=device,
-                      resc_schedule=square_queries != 5000)
-
-    def square(m, xb, yb):
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with A.eval_mode(m), torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return sq.perturb(xb, yb)
-
-    k_few, k_many = steps, 10 * steps
-    attacks = {f"pgd-{k_few}": pgd_attack(eps, k_few, 2.5 * eps / k_few),
-               f"pgd-{k_many}": pgd_attack(eps, k_many, 2.5 * eps / k_many),
-               "pgd-large-eps": pgd_attack(large_eps, 5 * k_few, 2.5 * large_eps / k_few),
-               "square": square}
-    res = robust_eval(model, x, y, attacks, batch_size=batch_size, device=device,
-                      progress=progress)
-    aa = autoattack(model, x, y, eps=eps, norm=aa_norm, version=aa_version,
-                    batch_size=batch_size, device=device, seed=seed, n_iter=aa_n_iter)
-    res = res.merge(aa)
-    acc = res.accuracy()
-    del acc["worst"]  # would include the large-eps attack, which is a probe, not a threat
-    aa_key = next(iter(aa.per_attack))
-    a_few, a_many = acc[f"pgd-{k_few}"], acc[f"pgd-{k_many}"]
-    a_pgd, a_aa, a_large, a_sq = min(a_few, a_many), acc[aa_key], acc["pgd-large-eps"], acc["square"]
-    white = res.clean & res.per_attack[f"pgd-{k_few}"] & res.per_attack[f"pgd-{k_many}"] & \
-        res.per_attack[aa_key]
-    a_white = float(white.mean())
-    only_square = float((white & ~res.per_attack["square"]).mean())
-    acc["white-box worst"] = a_white
-    zero_frac = zero_gradient_fraction(model, x, y, batch_size=batch_size, device=device)
-
-    checks = []
-    ok = a_large <= tol
-    checks.append(Check("large_eps", ok, {"eps": large_eps, "accuracy": a_large}, (
-        f"PGD at eps={large_eps:.4g} leaves {_pct(a_large)} correct" +
-        (": the attack reaches ~0 as it should." if ok else
-         ": a ball this large contains images of every class, so gradients are not guiding "
-         "the attack (masked/obfuscated gradients, saturated softmax, or a broken attack). "
-         "Gradient-based robust accuracy is not trustworthy."))))
-    ok = a_many <= a_few + tol
-    checks.append(Check("more_steps", ok, {f"pgd-{k_few}": a_few, f"pgd-{k_many}": a_many}, (
-        f"PGD-{k_many} {_pct(a_many)} vs PGD-{k_few} {_pct(a_few)}" +
-        (": more iterations do not help the model." if ok else
-         ": more iterations *raise* accuracy, so the attack does not converge (noisy or "
-         "masked gradients, step size too large). Tune the attack before trusting numbers."))))
-    ok = a_aa <= a_pgd + tol
-    checks.append(Check("autoattack_not_above_pgd", ok, {"autoattack": a_aa, "pgd": a_pgd}, (
-        f"{aa_key} {_pct(a_aa)} vs best PGD {_pct(a_pgd)}" +
-        (": AutoAttack is at least as strong, as expected." if ok else
-         ": AutoAttack is weaker than plain PGD, which is unusual: check for randomness in "
-         "the model, softmax outputs instead of logits, or a reduced AutoAttack budget."))))
-    ok = a_pgd - a_aa <= gap_tol
-    checks.append(Check("pgd_close_to_autoattack", ok, {"gap": a_pgd - a_aa}, (
-        f"PGD overestimates AutoAttack by {100 * (a_pgd - a_aa):.2f} points" +
-        (f" (<= {100 * gap_tol:.1f}): PGD is a fair proxy here." if ok else
-         f" (> {100 * gap_tol:.1f}): the {loss!r}-loss PGD is weak on this model (e.g. scaled "
-         "or cosine logits as in HE, or masked gradients). Report AutoAttack numbers."))))
-    ok = a_sq >= a_white - tol
-    checks.append(Check("blackbox_not_better", ok, {"square": a_sq, "white_box": a_white,
-                                                    "only_square_fools": only_square}, (
-        f"Square ({square_queries} queries) {_pct(a_sq)} vs white-box worst case "
-        f"{_pct(a_white)}; Square alone fools {_pct(only_square)} of examples" +
-        ("." if ok else
-         ": a black-box attack beats gradient attacks, the signature of gradient masking. "
-         "White-box robust accuracy is overestimated."))))
-    ok = zero_frac == 0
-    checks.append(Check("zero_gradients", ok, {"fraction": zero_frac}, (
-        f"{_pct(zero_frac)} of examples have an exactly zero input gradient" +
-        ("." if ok else
-         ": gradient attacks cannot move these points (saturated softmax in float32, "
-         "non-differentiable layers); use margin/DLR losses (AutoAttack) or fix the model."))))
-    settings = {"norm": aa_norm, "eps": eps, "n": n, "steps": [k_few, k_many], "loss": loss,
-                "large_eps": large_eps, "autoattack": aa.info[aa_key],
-                "square_queries": square_queries, "tol": tol, "gap_tol": gap_tol, "seed": seed}
-    return SanityReport(checks, acc, settings)
+def __getattr__(name: str):
+    if name in _SANITY:
+        from repro import sanity
+        return getattr(sanity, name)
+    raise AttributeError(f"module 'repro.evaluate' has no attribute {name!r}")

@@ -25,6 +25,11 @@ as in the official code; LMT++ uses the per-pair bound ||w_t - w_i||·L_penultim
 last linear layer instead. The certified
 radius is margin / (sqrt(2)·L), or min_i (z_t - z_i) / L_(t,i) with pairwise bounds.
 
+Every public function validates its arguments before any work (``repro.validate``; the table
+is ``book/validation.md``): shapes (positive integers, channels matching the layer), iteration
+counts and tolerances, dtypes named by strings or ``torch.dtype``, Lipschitz bounds (a finite
+L > 0, or a (K, K) pairwise matrix of finite values >= 0) and the logits/labels they certify.
+
 Plans: a model is walked once into a tree of nodes (``Chain`` product, ``Sum`` residual add,
 ``Const``, ``Scale`` for BN-like layers, ``LinearMap`` for conv/linear operators). Rules are
 looked up by module class; ``register_bound`` adds rules for new blocks.
@@ -40,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.attacks import check_images
+from repro import validate as V
 from repro.data import to_float
 
 SQRT2 = math.sqrt(2.0)
@@ -153,7 +158,15 @@ _RULES: dict[type, Rule] = {}
 def register_bound(*classes: type) -> Callable[[Rule], Rule]:
     """Decorator: ``rule(module, in_shape, name) -> (node, out_shape)`` for these classes
     (subclasses too, unless they have their own rule). Rules recurse with ``plan``."""
+    for i, cls in enumerate(classes):
+        if not isinstance(cls, type):
+            raise TypeError(f"lipschitz.register_bound: classes[{i}] must be a class (a type), "
+                            f"got {V._show(cls)}")
+
     def deco(rule: Rule) -> Rule:
+        if not callable(rule):
+            raise TypeError(f"lipschitz.register_bound: the rule must be a callable "
+                            f"rule(module, in_shape, name), got {type(rule).__name__}")
         for cls in classes:
             _RULES[cls] = rule
         return rule
@@ -161,7 +174,13 @@ def register_bound(*classes: type) -> Callable[[Rule], Rule]:
 
 
 def plan(module: nn.Module, in_shape: Sequence[int], name: str = "") -> tuple[Node, Shape]:
-    """Walk ``module`` (inputs of per-example shape ``in_shape``) into a bound plan."""
+    """Walk ``module`` (inputs of per-example shape ``in_shape``, positive integers) into a
+    bound plan."""
+    W = "lipschitz.plan"
+    V.module(W, "module", module)
+    in_shape = V.shape(W, "in_shape", in_shape)
+    if not isinstance(name, str):
+        raise TypeError(f"{W}: name must be a str, got {type(name).__name__}")
     if type(module).__name__ == "OptimizedModule":  # torch.compile wrapper: same parameters
         module = module._orig_mod
     for cls in type(module).__mro__:
@@ -305,7 +324,22 @@ def power_iteration(node: LinearMap, *, max_iters: int = 2000, tol: float = 1e-1
 
     sigma = ||A u|| is a *lower* bound on ||A|| (it is attained by u); iteration stops when
     it grows by less than ``tol`` relative. Use ``operator_norm_bounds`` for an upper bound.
+    Validated: ``node`` a LinearMap (from ``plan``); ``max_iters`` int >= 0 (0: ||A u0||);
+    ``tol`` finite >= 0; ``dtype`` float32 | float64 (or its name); ``seed`` an int; ``u``
+    None or a tensor with prod(in_shape) entries.
     """
+    W = "lipschitz.power_iteration"
+    V.module(W, "node", node, LinearMap)
+    max_iters = V.count(W, "max_iters", max_iters, min=0)
+    tol = V.nonneg(W, "tol", tol)
+    dtype = V.dtype(W, "dtype", dtype, (torch.float32, torch.float64))
+    seed = V.integer(W, "seed", seed)
+    if u is not None:
+        V.tensor(W, "u", u)
+        if u.numel() != math.prod(node.in_shape):
+            raise ValueError(f"{W}: u must have {math.prod(node.in_shape)} entries (shape "
+                             f"(1, *{node.in_shape})), got shape {tuple(u.shape)}")
+        u = u.reshape(1, *node.in_shape)
     w = node.module.weight.detach().to(dtype)
     if u is None:
         g = torch.Generator().manual_seed(seed)
@@ -327,7 +361,15 @@ def power_iteration(node: LinearMap, *, max_iters: int = 2000, tol: float = 1e-1
 
 def dense_matrix(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Shape,
                  dtype=torch.float64, device=None, chunk: int = 2048) -> torch.Tensor:
-    """The matrix (n_out, n_in) of a linear map, by applying it to basis vectors."""
+    """The matrix (n_out, n_in) of a linear map, by applying it to basis vectors
+    (``in_shape`` positive integers; ``dtype`` float32 | float64; ``chunk`` >= 1)."""
+    W = "lipschitz.dense_matrix"
+    if not callable(fn):
+        raise TypeError(f"{W}: fn must be a callable linear map, got {type(fn).__name__}")
+    in_shape = V.shape(W, "in_shape", in_shape)
+    dtype = V.dtype(W, "dtype", dtype, (torch.float32, torch.float64))
+    device = V.device(W, "device", device, auto=False)
+    chunk = V.count(W, "chunk", chunk)
     n = math.prod(in_shape)
     cols = []
     for start in range(0, n, chunk):
@@ -339,7 +381,22 @@ def dense_matrix(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Shape,
 
 
 def spectral_norm_dense(a: torch.Tensor) -> float:
+    """Largest singular value of a 2-D matrix (float64)."""
+    V.tensor("lipschitz.spectral_norm_dense", "a", a)
+    if a.dim() != 2:
+        raise ValueError(f"lipschitz.spectral_norm_dense: a must be a 2-D matrix, got shape "
+                         f"{tuple(a.shape)}")
     return torch.linalg.matrix_norm(a.double(), ord=2).item()
+
+
+def _conv_input(where: str, conv, shape, name: str) -> tuple[int, int, int]:
+    """``conv`` is an nn.Conv2d and ``shape`` its per-example input (C, H, W)."""
+    V.module(where, "conv", conv, nn.Conv2d)
+    shape = V.shape(where, name, shape, ndim=3, what="(C, H, W)")
+    if shape[0] != conv.in_channels:
+        raise ValueError(f"{where}: {name} must start with conv.in_channels = "
+                         f"{conv.in_channels} channels, got {shape}")
+    return shape
 
 
 def _left_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -366,7 +423,20 @@ def conv2d_norm_upper(conv: nn.Conv2d, in_shape: Shape, out_shape: Shape | None 
     ``weight=None``: a float (float64, from the module's weight). ``weight`` given: a 0-dim
     tensor in its dtype, differentiable in it (the training bound of ``LipschitzEstimator``
     with ``method="upper"``; eigvalsh's gradient is that of the top eigenvalue).
+    Validated: ``conv`` an nn.Conv2d; ``in_shape`` (C, H, W) with C = conv.in_channels;
+    ``out_shape`` None or 3 positive integers; ``max_batch_bytes`` >= 1; ``weight`` None or
+    a tensor of conv.weight's shape.
     """
+    W = "lipschitz.conv2d_norm_upper"
+    _conv_input(W, conv, in_shape, "in_shape")
+    if out_shape is not None:
+        out_shape = V.shape(W, "out_shape", out_shape, ndim=3, what="(C, H, W)")
+    max_batch_bytes = V.count(W, "max_batch_bytes", max_batch_bytes)
+    if weight is not None:
+        V.tensor(W, "weight", weight)
+        if weight.shape != conv.weight.shape:
+            raise ValueError(f"{W}: weight must have conv.weight's shape "
+                             f"{tuple(conv.weight.shape)}, got {tuple(weight.shape)}")
     if conv.padding_mode != "zeros":
         raise UnsupportedLayerError("conv2d_norm_upper needs zero padding")
     differentiable = weight is not None
@@ -429,7 +499,14 @@ def operator_norm_bounds(node: LinearMap, *, dense_limit: int = DENSE_LIMIT,
     """(lower, upper) on ||A|| in float64: exact SVD of the dense operator when it is small
     (``dense_limit`` entries, a side <= DENSE_SIDE) or a plain Linear, else power iteration
     (lower; only a diagnostic of tightness) and the circulant bound (upper, rigorous) for
-    zero-padded Conv2d. Anything else is refused rather than bounded unsoundly."""
+    zero-padded Conv2d. Anything else is refused rather than bounded unsoundly.
+    Validated: ``node`` a LinearMap; ``dense_limit``, ``max_iters`` ints >= 0; ``tol``
+    finite >= 0."""
+    W = "lipschitz.operator_norm_bounds"
+    V.module(W, "node", node, LinearMap)
+    dense_limit = V.count(W, "dense_limit", dense_limit, min=0)
+    max_iters = V.count(W, "max_iters", max_iters, min=0)
+    tol = V.nonneg(W, "tol", tol)
     w = node.module.weight.detach().double().cpu()
     n_in, n_out = math.prod(node.in_shape), math.prod(node.out_shape)
     if node.kind == "linear" or (n_in * n_out <= dense_limit and min(n_in, n_out) <= DENSE_SIDE):
@@ -448,13 +525,20 @@ def operator_norm_bounds(node: LinearMap, *, dense_limit: int = DENSE_LIMIT,
 def conv2d_operator_norm(conv: nn.Conv2d, input_shape: Sequence[int], iters: int = 2000,
                          dtype: torch.dtype = torch.float64) -> float:
     """Power-iteration value of the true conv operator on ``input_shape`` (C, H, W): a lower
-    bound that converges to ||conv|| (stride and padding included)."""
+    bound that converges to ||conv|| (stride and padding included). Validated: ``conv`` an
+    nn.Conv2d; ``input_shape`` 3 positive integers with C = conv.in_channels; ``iters``
+    int >= 1; ``dtype`` float32 | float64 (or its name)."""
+    W = "lipschitz.conv2d_operator_norm"
+    input_shape = _conv_input(W, conv, input_shape, "input_shape")
+    iters = V.count(W, "iters", iters)
+    dtype = V.dtype(W, "dtype", dtype, (torch.float32, torch.float64))
     node, _ = plan(conv, input_shape, "conv")
     return power_iteration(node, max_iters=iters, dtype=dtype)[0]
 
 
 def linear_norm(linear: nn.Linear) -> float:
     """Exact spectral norm of a Linear layer's weight (float64 SVD)."""
+    V.module("lipschitz.linear_norm", "linear", linear, nn.Linear)
     return spectral_norm_dense(linear.weight.detach())
 
 
@@ -472,6 +556,7 @@ def _bn_fn(bn: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def batchnorm_bound(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """max_c |γ_c| / sqrt(running_var_c + eps): BN at inference is a per-channel affine map.
     The same (inference) bound is used during training, as in the paper; differentiable in γ."""
+    V.module("lipschitz.batchnorm_bound", "bn", bn, nn.modules.batchnorm._BatchNorm)
     return _bn_fn(bn, bn.running_var.dtype if bn.running_var is not None else torch.float32)
 
 
@@ -509,6 +594,11 @@ def maxpool_bound(pool: nn.Module, in_shape: Shape) -> float:
     = Σ_i n_i Δx_i² <= n ||Δx||². Attained when one pixel is the max of all its windows,
     so it is the exact Lipschitz constant. n = n_h·n_w; for kernel k, stride s: <= ceil(k/s)².
     """
+    W = "lipschitz.maxpool_bound"
+    V.module(W, "pool", pool, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
+    in_shape = V.shape(W, "in_shape", in_shape)
+    if len(in_shape) < 2:
+        raise ValueError(f"{W}: in_shape must be (C, H, W) or (H, W), got {in_shape}")
     out = _out_shape(pool, in_shape)
     if isinstance(pool, nn.AdaptiveMaxPool2d):
         n = _adaptive_window_count(in_shape[-2], out[-2]) * \
@@ -530,6 +620,12 @@ def linear_pool_norm(pool: nn.Module, in_shape: Shape, dense_limit: int = 4096) 
     ||A_1|| <= sqrt(||A_1||_1 ||A_1||_inf) from its (nonnegative) column and row sums.
     For k = s without padding both give 1/k; a global average over H×W gives 1/sqrt(HW).
     """
+    W = "lipschitz.linear_pool_norm"
+    V.module(W, "pool", pool)
+    in_shape = V.shape(W, "in_shape", in_shape)
+    if len(in_shape) < 2:
+        raise ValueError(f"{W}: in_shape must be (C, H, W) or (H, W), got {in_shape}")
+    dense_limit = V.count(W, "dense_limit", dense_limit, min=0)
     one = (1, *in_shape[1:])
     if math.prod(one) <= dense_limit:
         return spectral_norm_dense(dense_matrix(lambda x: pool(x), one)) * (1 + SLACK)
@@ -551,6 +647,10 @@ def _avgpool_rule(m, shape, name):
 
 def pooling_bound(pool: nn.Module, in_shape: Sequence[int]) -> float:
     """Lipschitz bound of a pooling layer on per-example inputs of ``in_shape`` (C, H, W)."""
+    W = "lipschitz.pooling_bound"
+    V.module(W, "pool", pool, (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d,
+                               nn.AdaptiveAvgPool2d))
+    in_shape = V.shape(W, "in_shape", in_shape, ndim=3, what="(C, H, W)")
     node, _ = plan(pool, in_shape, "pool")
     return node.value
 
@@ -558,6 +658,9 @@ def pooling_bound(pool: nn.Module, in_shape: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------- residual helper
 def residual(main: Node, shortcut: Node | None, name: str) -> Sum:
     """``main(x) + shortcut(x)``; ``shortcut=None`` is the identity (bound 1)."""
+    V.module("lipschitz.residual", "main", main, Node)
+    if shortcut is not None:
+        V.module("lipschitz.residual", "shortcut", shortcut, Node)
     return Sum([main, shortcut if shortcut is not None else Const(_join(name, "identity"), 1.0,
                                                                      "identity")])
 
@@ -631,6 +734,7 @@ def split_head(root: Node) -> tuple[Chain, LinearMap]:
     """Split a plan into (everything before the last Linear, that Linear) for LMT++.
     Trailing 1-Lipschitz identities (dropout, flatten...) after the Linear are not allowed:
     they would change the logits the pairwise bound talks about."""
+    V.module("lipschitz.split_head", "root", root, Node)
     parts = root.flat() if isinstance(root, Chain) else [root]
     if not parts or not (isinstance(parts[-1], LinearMap) and parts[-1].kind == "linear"):
         raise UnsupportedLayerError("pairwise (LMT++) bounds need a network ending in nn.Linear")
@@ -665,7 +769,15 @@ def network_bound(model: nn.Module, input_shape: Sequence[int], *,
     """Rigorous float64 Lipschitz bound of ``model`` (in eval semantics: BN running stats,
     dropout off) on inputs of per-example shape ``input_shape``. Computed from scratch.
     ``max_iters`` only buys the power-iteration diagnostic (``estimate``, per-layer ``lower``);
-    0 skips it (the upper bound does not depend on it)."""
+    0 skips it (the upper bound does not depend on it). Validated: ``model`` a Module;
+    ``input_shape`` positive integers; ``dense_limit``, ``max_iters`` ints >= 0; ``tol``
+    finite >= 0."""
+    W = "lipschitz.network_bound"
+    V.module(W, "model", model)
+    input_shape = V.shape(W, "input_shape", input_shape)
+    dense_limit = V.count(W, "dense_limit", dense_limit, min=0)
+    max_iters = V.count(W, "max_iters", max_iters, min=0)
+    tol = V.nonneg(W, "tol", tol)
     root, _ = plan(model, input_shape)
     ctx = _ExactCtx(dense_limit=dense_limit, max_iters=max_iters, tol=tol)
     upper = float(root.evaluate(ctx))
@@ -713,10 +825,15 @@ class LipschitzEstimator(nn.Module):
                  seed: int = 0, power_steps: int = 1, linear_steps: int | None = None,
                  block: int = 1):
         super().__init__()
+        W = "lipschitz.LipschitzEstimator"
+        V.module(W, "model", model)
+        input_shape = V.shape(W, "input_shape", input_shape)
+        pairwise = V.flag(W, "pairwise", pairwise)
+        seed = V.integer(W, "seed", seed)
+        power_steps = V.count(W, "power_steps", power_steps)
+        linear_steps = V.count(W, "linear_steps", linear_steps, none=True)
         linear_steps = power_steps if linear_steps is None else linear_steps
-        if power_steps < 1 or linear_steps < 1 or block < 1:
-            raise ValueError(f"power_steps, linear_steps and block must be >= 1, got "
-                             f"{power_steps}, {linear_steps}, {block}")
+        block = V.count(W, "block", block)
         self._plan, _ = plan(model, input_shape)
         self.pairwise, self.power_steps = pairwise, int(power_steps)
         self.linear_steps, self.block = int(linear_steps), int(block)
@@ -745,6 +862,8 @@ class LipschitzEstimator(nn.Module):
         return vectors, device
 
     def forward(self, steps: int | None = None) -> torch.Tensor:
+        if steps is not None:
+            steps = V.count("lipschitz.LipschitzEstimator.forward", "steps", steps, min=0)
         vectors, device = self._vectors()
         steps, linear = ((self.power_steps, self.linear_steps) if steps is None
                          else (steps, steps))
@@ -758,6 +877,7 @@ class LipschitzEstimator(nn.Module):
     @torch.no_grad()
     def sync(self, iters: int = 50) -> None:
         """``iters`` power steps per linear map from the stored vectors (no host sync)."""
+        iters = V.count("lipschitz.LipschitzEstimator.sync", "iters", iters, min=0)
         vectors, device = self._vectors()
         with torch.autocast(device_type=device.type, enabled=False):
             self._plan.evaluate(_EstimateCtx(vectors, device, steps=iters))
@@ -794,9 +914,22 @@ def lmt_logits(logits: torch.Tensor, y: torch.Tensor, c: float, bound: torch.Ten
     whose margin is below the target gets the margin it already has (z_y ties with the
     closest class); one certified at radius c (f = 1) gets the full a, and keeps pushing L
     down. ``form="full"``: logits + a for every example (the paper's equation as written).
-    Gradients reach the bound through a in both forms."""
-    if form not in LMT_FORMS:
-        raise ValueError(f"form must be one of {LMT_FORMS}, got {form!r}")
+    Gradients reach the bound through a in both forms.
+
+    Validated (shapes and dtypes only: no host sync, this runs every training step):
+    ``logits`` float (N, K); ``y`` int64 (N,); ``c`` finite >= 0; ``bound`` a number, a
+    0-dim tensor or a (K, K) tensor; ``form`` in ``LMT_FORMS``."""
+    W = "lipschitz.lmt_logits"
+    form = V.choice(W, "form", form, LMT_FORMS)
+    c = V.nonneg(W, "c", c)
+    _logits_labels(W, logits, y)
+    if isinstance(bound, torch.Tensor):
+        k = logits.shape[1]
+        if bound.dim() not in (0, 2) or (bound.dim() == 2 and bound.shape != (k, k)):
+            raise ValueError(f"{W}: bound must be a scalar Lipschitz constant or a ({k}, {k}) "
+                             f"pairwise matrix, got shape {tuple(bound.shape)}")
+    else:
+        V.nonneg(W, "bound", bound)
     bound = torch.as_tensor(bound, dtype=logits.dtype, device=logits.device)
     other = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
     add = c * (SQRT2 * bound * other if bound.dim() == 0 else bound[y] * other)
@@ -817,7 +950,8 @@ class LMTMarginLoss(nn.Module):
 
     def __init__(self, c: float, form: str = "official"):
         super().__init__()
-        self.c, self.form = c, form
+        W = "lipschitz.LMTMarginLoss"
+        self.c, self.form = V.nonneg(W, "c", c), V.choice(W, "form", form, LMT_FORMS)
 
     def forward(self, logits, y, bound):
         return F.cross_entropy(lmt_logits(logits, y, self.c, bound, self.form), y)
@@ -825,7 +959,17 @@ class LMTMarginLoss(nn.Module):
 
 def lmt_c(epoch: float, c: float, warmup_epochs: float, start: float | None = None) -> float:
     """c ramped geometrically from ``start`` (default c/1000) to ``c`` over ``warmup_epochs``
-    (our choice of ramp: the paper's notes only say c starts small; 0 warmup = constant c)."""
+    (our choice of ramp: the paper's notes only say c starts small; 0 warmup = constant c).
+    Validated: ``epoch`` finite; ``c`` finite >= 0 (> 0 for a ramp without ``start``);
+    ``warmup_epochs`` finite >= 0; ``start`` None or finite > 0."""
+    W = "lipschitz.lmt_c"
+    epoch = V.number(W, "epoch", epoch)
+    c = V.nonneg(W, "c", c)
+    warmup_epochs = V.nonneg(W, "warmup_epochs", warmup_epochs)
+    start = V.positive(W, "start", start, none=True)
+    if warmup_epochs > 0 and epoch < warmup_epochs and c == 0 and start is None:
+        raise ValueError(f"{W}: c must be > 0 for a geometric warm-up from c/1000 (or give "
+                         f"start), got c=0")
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return c
     start = c / 1000 if start is None else start
@@ -836,7 +980,60 @@ def lmt_c(epoch: float, c: float, warmup_epochs: float, start: float | None = No
 def certified_radius(logits: torch.Tensor, y: torch.Tensor, bound) -> torch.Tensor:
     """Signed L2 radius within which the prediction cannot change: margin / (sqrt(2)·L), or
     min_{i != y} (z_y - z_i) / bound[y, i] for a pairwise bound. Negative = misclassified;
-    an example is certified at radius r iff radius > r (strict: ties are not robust)."""
+    an example is certified at radius r iff radius > r (strict: ties are not robust).
+
+    Validated first: ``logits`` float (N, K); ``y`` int64 (N,) in [0, K); ``bound`` a finite
+    Lipschitz constant > 0 (number or 0-dim tensor) or a (K, K) matrix of finite values
+    >= 0 (one host sync for the label range and the matrix)."""
+    W = "lipschitz.certified_radius"
+    _logits_labels(W, logits, y)
+    V.labels(W, y, num_classes=logits.shape[1])
+    bound = _check_bound(W, bound, logits.shape[1])
+    return _certified_radius(logits, y, bound.to(logits.device))
+
+
+def _logits_labels(where: str, logits, y) -> None:
+    """Host-only: float logits (N, K), int64 labels (N,)."""
+    V.tensor(where, "logits", logits)
+    if not logits.is_floating_point() or logits.dim() != 2:
+        raise ValueError(f"{where}: logits must be a float tensor (N, K), got dtype "
+                         f"{logits.dtype} and shape {tuple(logits.shape)}")
+    V.tensor(where, "y", y)
+    if y.dtype != torch.int64 or y.shape != logits.shape[:1]:
+        raise ValueError(f"{where}: y must be int64 class indices of shape "
+                         f"({logits.shape[0]},), got dtype {y.dtype} and shape "
+                         f"{tuple(y.shape)}")
+
+
+def _check_bound(where: str, bound, k: int | None) -> torch.Tensor:
+    """A certificate's bound: a finite Lipschitz constant L > 0 (a number or a 0-dim tensor),
+    or a (k, k) pairwise matrix (any square one when k is None) of finite values >= 0.
+    One host sync for a tensor. Returns the bound as a float64 tensor."""
+    if isinstance(bound, torch.Tensor):
+        square = bound.dim() == 2 and bound.shape[0] == bound.shape[1]
+        if not (bound.dim() == 0 or (square and (k is None or bound.shape[0] == k))):
+            want = f"({k}, {k})" if k is not None else "(K, K)"
+            raise ValueError(f"{where}: bound must be a Lipschitz constant (a number or a 0-dim "
+                             f"tensor) or a {want} pairwise matrix, got shape "
+                             f"{tuple(bound.shape)}")
+        b = bound.detach().double() if bound.device.type != "mps" else bound.detach().float()
+        if b.numel() == 0:
+            return b.double()
+        finite, lo = torch.stack([torch.isfinite(b).all().to(b.dtype), b.amin()]).tolist()
+        if bound.dim() == 0:
+            if finite != 1.0 or lo <= 0:
+                raise ValueError(f"{where}: bound (the Lipschitz constant) must be a finite "
+                                 f"number > 0, got {lo!r}")
+        elif finite != 1.0 or lo < 0:
+            raise ValueError(f"{where}: bound (the pairwise matrix) must hold finite values "
+                             f">= 0, got " + ("non-finite values" if finite != 1.0 else
+                                              f"a minimum of {lo:.4g}"))
+        return bound.detach().double()
+    V.positive(where, "bound (the Lipschitz constant)", bound)
+    return torch.as_tensor(bound, dtype=torch.float64)
+
+
+def _certified_radius(logits: torch.Tensor, y: torch.Tensor, bound) -> torch.Tensor:
     logits = logits.double()
     bound = torch.as_tensor(bound, dtype=torch.float64, device=logits.device)
     diff = logits.gather(1, y[:, None]) - logits  # z_y - z_i
@@ -850,7 +1047,18 @@ def certified_radius(logits: torch.Tensor, y: torch.Tensor, bound) -> torch.Tens
 
 
 def certified_accuracy(radius: torch.Tensor, radii: Sequence[float]) -> list[float]:
-    """Fraction certified at each radius (radius 0 = plain accuracy)."""
+    """Fraction certified at each radius (radius 0 = plain accuracy). ``radius`` a 1-D
+    tensor; ``radii`` finite numbers >= 0."""
+    W = "lipschitz.certified_accuracy"
+    V.tensor(W, "radius", radius)
+    if radius.dim() != 1:
+        raise ValueError(f"{W}: radius must be a 1-D tensor of radii, got shape "
+                         f"{tuple(radius.shape)}")
+    if isinstance(radii, (str, bytes)) or not hasattr(radii, "__iter__"):
+        raise TypeError(f"{W}: radii must be a sequence of finite numbers >= 0, got "
+                        f"{V._show(radii)}")
+    radii = [V.nonneg(W, f"radii[{i}]", r.item() if hasattr(r, "item") else r)
+             for i, r in enumerate(radii)]
     return [(radius > r).double().mean().item() for r in radii]
 
 
@@ -860,16 +1068,28 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound, *,
     """Certified radii of (x, y) under ``bound`` (a float L or a pairwise matrix, e.g. from
     ``network_bound``), with logits from a float64 eval-mode copy of the model so rounding of
     the margin is negligible next to it. ``x``: uint8 or float images in [0, 1] (the radius is
-    in [0, 1]-pixel units; ``ValueError`` otherwise, see ``repro.attacks.check_images``)."""
-    check_images(x, "lipschitz.certify", allow_uint8=True)
+    in [0, 1]-pixel units; ``ValueError`` otherwise, see ``repro.attacks.check_images``).
+    Validated first: ``model`` a Module; ``y`` int64 (N,) in [0, K) (K: the model's outputs);
+    ``bound`` as in ``certified_radius``; ``batch_size`` >= 1."""
+    W = "lipschitz.certify"
+    V.module(W, "model", model)
+    batch_size = V.count(W, "batch_size", batch_size)
+    y_range = V.batch(W, x, y, allow_uint8=True, ndim=None, min_ndim=2)
+    bound = _check_bound(W, bound, None)
     net = copy.deepcopy(model).double().eval()
-    bound = torch.as_tensor(bound, dtype=torch.float64)
     out = []
     for i in range(0, len(x), batch_size):
         xb = to_float(x[i:i + batch_size].to(next(net.parameters()).device)).double()
-        out.append(certified_radius(net(xb), y[i:i + batch_size].to(xb.device),
-                                    bound.to(xb.device)).cpu())
-    return torch.cat(out)
+        z = net(xb)
+        if i == 0:  # the model's number of classes, against the labels and the bound
+            k = V.logits(W, z, len(xb))
+            V.classes(W, y_range, k)
+            if bound.dim() == 2 and bound.shape[0] != k:
+                raise ValueError(f"{W}: bound must be a ({k}, {k}) pairwise matrix for the "
+                                 f"model's {k} outputs, got shape {tuple(bound.shape)}")
+        out.append(_certified_radius(z, y[i:i + batch_size].to(xb.device),
+                                     bound.to(xb.device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- repro.models
