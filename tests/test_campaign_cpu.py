@@ -56,6 +56,7 @@ def test_estimate_is_counted_passes_times_measured_rates(monkeypatch):
     cfg = pieces.piece_config(p)
     assert train >= cfg["epochs"] * 49000 * (2 * cfg["train_steps"] + 3)
     monkeypatch.setattr(cpu, "rates", lambda *a, **k: r)
+    monkeypatch.setattr(cpu, "compile_check", lambda **k: {})
     rows, _ = cpu.plan_rows("overnight", ledger={})
     text = cpu.format_plan(rows, r)
     assert "he-o-pgd_at-s0" in text and "per chapter" in text and "test CPU" in text
@@ -116,3 +117,21 @@ def test_runner_computes_places_records_and_never_reruns(tmp_path, monkeypatch, 
     assert (cpu.state_dir("overnight") / f"{piece}.log").read_text() == log_before, \
         "a finished piece is never run again"
     assert "done" in cpu.format_status("overnight").split(piece)[1].splitlines()[0]
+
+
+def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):
+    monkeypatch.delenv("REPRO_COMPILE", raising=False)
+    r = _fake_rates(rate_train=1e-3, rate_eval=5e-4)
+    p = pieces.BY_ID["he-o-pgd_at-s0"]
+    eager = cpu.piece_seconds(p, r["rates"])
+    fast = {"speedup": 1.29, "compile_warmup_s": 44.0}   # measured here (module docstring)
+    assert cpu.use_compile(fast, eager)[0]
+    assert not cpu.use_compile({**fast, "speedup": 1.05}, eager)[0]     # too little gain
+    assert not cpu.use_compile({**fast, "compile_warmup_s": 361.0}, 600.0)[0]   # too slow
+    assert not cpu.use_compile({"error": "no compiler", "speedup": 0.0}, eager)[0]
+    jobs = estimate.piece_jobs(p)
+    train = sum(j.passes for j in jobs if not j.what.endswith("eval")) * 1e-3
+    want = eager - train + train / 1.29 + 44.0
+    assert cpu.piece_seconds(p, r["rates"], fast) == pytest.approx(want)
+    monkeypatch.setenv("REPRO_COMPILE", "0")   # the runner's environment decides
+    assert cpu.use_compile(fast, eager) == (False, "REPRO_COMPILE=0 set for the runner")

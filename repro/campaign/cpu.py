@@ -30,10 +30,16 @@ which resumes later) after that many seconds, so a session can end cleanly.
 with the device, precision, estimated and measured seconds. With ``--commit`` the runner
 commits exactly those files (``git commit -- <paths>``: nothing else staged is touched).
 
-**Fastest path.** The trainer's ``amp="auto"`` picks bf16 where the CPU has it natively;
-``torch.compile`` stays off unless ``REPRO_COMPILE=1`` is set for the runner (it is
-recorded in every run's ``precision``): on this project's AVX2 CPU a compiled PGD-AT step
-was slower than eager and took 6 minutes to compile (book/how-to-run.md).
+**Fastest path.** The trainer's ``amp="auto"`` picks bf16 where the CPU has it natively.
+``torch.compile`` is measured once per CPU kind (``measure_compile``: the trainer's PGD-AT
+step of a width-32 PreAct-ResNet-18, eager against compiled, and the compile warm-up) and
+turned on for the pieces (``REPRO_COMPILE=1`` in their environment) where it is at least
+``COMPILE_MIN_SPEEDUP`` faster and its warm-up is under ``COMPILE_MAX_WARMUP`` of the
+piece: on a 2-core AVX-512-bf16 EPYC it was 1.29x faster after a 44 s warm-up (bench train,
+PGD-10, batch 128), while on this project's AVX2 CPU a compiled step was slower and took 6
+minutes to compile (book/how-to-run.md). What ran is in every run's ``precision`` record and
+in the ledger; a piece that fails compiled is retried eager once. ``REPRO_COMPILE`` set for
+the runner overrides the choice.
 """
 from __future__ import annotations
 
@@ -58,6 +64,8 @@ MAX_PIECE_S = 2 * 3600       # design rule: a piece fits well inside a 3-hour se
 PIECE_OVERHEAD_S = 30.0      # per piece: python + torch import, data load (measured ~20 s)
 RUN_OVERHEAD_S = 10.0        # per trained model: model build, checkpoints, result files
 ETA_EVERY_S = 300.0          # the runner logs progress this often
+COMPILE_MIN_SPEEDUP = 1.1    # compile pieces only if the compiled step is this much faster
+COMPILE_MAX_WARMUP = 0.02    # ... and compiling costs less than this fraction of the piece
 
 
 def state_dir(preset: str) -> Path:
@@ -142,14 +150,84 @@ def rates(pieces: list[Piece], *, remeasure: bool = False, log=print) -> dict:
     return {"kind": kind, "rates": mine["rates"], "measured": mine.get("measured")}
 
 
-def job_seconds(job: Job, rates_: dict) -> float:
+def measure_compile(width: int = 32, batch: int = 128, steps: int = 4, warmup: int = 2,
+                    log=print) -> dict:
+    """The trainer's PGD-10 adversarial-training step (``repro.benchmarks.train``) eager and
+    compiled on this CPU at the training precision: images/s of each and the compiled run's
+    warm-up (compiling included). A compile failure is recorded, not raised."""
+    import torch
+    from repro import data, models
+    from repro.benchmarks.train import time_repro
+    ds = data.load("cifar10").limit(n_train=(warmup + steps + 1) * batch, n_val=0, n_test=0)
+    torch.manual_seed(0)
+    state = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=width).state_dict()
+
+    def timed(compile_: bool):
+        m = models.build("preact_resnet18", 10, mean_std=ds.mean_std, width=width)
+        m.load_state_dict(state)
+        (wall, _), warm, precision = time_repro(m, ds, batch, steps, warmup,
+                                                torch.device("cpu"), compile_)
+        return batch / float(sorted(wall)[len(wall) // 2]), warm, precision
+
+    out: dict[str, Any] = {"model": f"preact_resnet18(width={width})", "batch": batch,
+                           "timed_steps": steps, "measured": _now()}
+    eager, _, precision = timed(False)
+    out.update(eager_img_s=round(eager, 2), amp=precision.get("amp"))
+    try:
+        compiled, warm, _ = timed(True)
+        out.update(compiled_img_s=round(compiled, 2), speedup=round(compiled / eager, 3),
+                   compile_warmup_s=round(warm, 1))
+    except Exception as e:  # noqa: BLE001 - compile is optional: eager it is
+        out.update(error=f"{type(e).__name__}: {e}"[:300], speedup=0.0)
+    log(f"[compile] eager {out['eager_img_s']} img/s, compiled "
+        f"{out.get('compiled_img_s', '-')} img/s (warm-up {out.get('compile_warmup_s', '-')} s)")
+    return out
+
+
+def compile_check(*, remeasure: bool = False, log=print) -> dict:
+    """``measure_compile`` for this CPU kind, kept beside the rates."""
+    kind = cpu_kind()
+    f = results.results_root() / "_campaign" / "cpu-rates.json"
+    store = json.loads(f.read_text()) if f.exists() else {}
+    mine = store.setdefault(_kind_key(kind), {"kind": kind, "rates": {}})
+    if remeasure or "compile" not in mine:
+        log("[compile] measuring eager against compiled training steps (a few minutes, once)")
+        mine["compile"] = measure_compile(log=log)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        results._write_json(f, store)
+    return mine["compile"]
+
+
+def use_compile(check: dict, piece_s: float) -> tuple[bool, str]:
+    """Whether a piece of ``piece_s`` estimated seconds trains compiled, and why."""
+    forced = os.environ.get("REPRO_COMPILE", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"REPRO_COMPILE={forced} set for the runner"
+    speed, warm = check.get("speedup") or 0.0, check.get("compile_warmup_s") or float("inf")
+    ok = speed >= COMPILE_MIN_SPEEDUP and warm <= COMPILE_MAX_WARMUP * piece_s
+    return ok, (f"compiled step {speed:.2f}x eager, warm-up {warm:.0f} s "
+                f"({'<=' if ok else 'not <='} {COMPILE_MAX_WARMUP:.0%} of the piece) and "
+                f"speed-up {'>=' if speed >= COMPILE_MIN_SPEEDUP else '<'} "
+                f"{COMPILE_MIN_SPEEDUP}")
+
+
+def job_seconds(job: Job, rates_: dict, train_speedup: float = 1.0) -> float:
+    """Counted passes x the measured seconds per pass (training passes / ``train_speedup``:
+    a compiled piece's measured speed-up; evaluation is never compiled)."""
     r = rates_[job.arch.label()]
-    per = r["eval"] if job.what.endswith("eval") else r["train"]
+    per = r["eval"] if job.what.endswith("eval") else r["train"] / train_speedup
     return job.passes * per + job.models * RUN_OVERHEAD_S
 
 
-def piece_seconds(piece: Piece, rates_: dict) -> float:
-    return PIECE_OVERHEAD_S + sum(job_seconds(j, rates_) for j in piece_jobs(piece))
+def piece_seconds(piece: Piece, rates_: dict, check: dict | None = None) -> float:
+    """Estimated seconds of ``piece``; with ``check`` (``compile_check``), compiled where
+    ``use_compile`` would compile it, plus the warm-up."""
+    eager = PIECE_OVERHEAD_S + sum(job_seconds(j, rates_) for j in piece_jobs(piece))
+    if not check or not use_compile(check, eager)[0]:
+        return eager
+    models = sum(j.models for j in piece_jobs(piece))
+    return (PIECE_OVERHEAD_S + models * check.get("compile_warmup_s", 0.0)
+            + sum(job_seconds(j, rates_, check["speedup"]) for j in piece_jobs(piece)))
 
 
 # ----------------------------------------------------------------------------- plan
@@ -188,7 +266,8 @@ def runner_alive(status: dict) -> bool:
 def plan_rows(preset: str = "overnight", *, remeasure: bool = False, log=print,
               ledger: dict | None = None) -> tuple[list[dict], dict]:
     pieces = order(pieces_for(preset))
-    r = rates(pieces, remeasure=remeasure, log=log)
+    r = dict(rates(pieces, remeasure=remeasure, log=log))
+    r["compile"] = compile_check(remeasure=remeasure, log=log)
     ledger = read_ledger() if ledger is None else ledger
     status = read_status(preset)
     running = status.get("running") if runner_alive(status) else None
@@ -196,8 +275,10 @@ def plan_rows(preset: str = "overnight", *, remeasure: bool = False, log=print,
     for p in pieces:
         done = is_done(p, ledger)
         entry = (status.get("pieces") or {}).get(p.id, {})
+        eager = piece_seconds(p, r["rates"])
         rows.append({"id": p.id, "chapter": p.chapter, "title": p.title,
-                     "seconds": piece_seconds(p, r["rates"]),
+                     "seconds": piece_seconds(p, r["rates"], r["compile"]),
+                     "compile": use_compile(r["compile"], eager)[0],
                      "jobs": [(j.what, j.arch.label()) for j in piece_jobs(p)],
                      "claims": list(p.claims), "needs": list(p.needs),
                      "state": "done" if done else "running" if p.id == running
@@ -206,13 +287,26 @@ def plan_rows(preset: str = "overnight", *, remeasure: bool = False, log=print,
     return rows, r
 
 
+def _compile_line(check: dict) -> str:
+    if not check:
+        return "  torch.compile: not measured"
+    if check.get("error"):
+        return f"  torch.compile: failed here ({check['error']}): every piece trains eager"
+    return (f"  torch.compile (measured {check.get('measured', '-')}, the trainer's PGD-10 "
+            f"step of {check.get('model')}, batch {check.get('batch')}): eager "
+            f"{check.get('eager_img_s')} img/s, compiled {check.get('compiled_img_s')} img/s "
+            f"({check.get('speedup')}x) after a {check.get('compile_warmup_s')} s warm-up; "
+            f"pieces compile where the speed-up is >= {COMPILE_MIN_SPEEDUP} and the warm-up "
+            f"<= {COMPILE_MAX_WARMUP:.0%} of the piece")
+
+
 def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
     k = r["kind"]
     lines = [f"CPU campaign: the `{preset}` presets in pieces, estimated on this machine",
              f"  CPU: {k['model']} [{' '.join(k['flags']) or 'no AVX flags read'}], "
              f"{k['threads']} threads, torch {k['torch']}; training in {k['train_amp']} "
-             f"({k['why']}), evaluation in fp32; torch.compile "
-             f"{'on' if k['compile'] else 'off'}",
+             f"({k['why']}), evaluation in fp32",
+             _compile_line(r.get("compile") or {}),
              f"  rates measured {r.get('measured') or '-'} (seconds per forward-equivalent "
              "image pass x the counted passes of each job; `--remeasure` to time again):"]
     for label, v in r["rates"].items():
@@ -227,7 +321,8 @@ def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
         meas = (f" (measured {row['measured_s'] / 3600:.2f} h)"
                 if row.get("measured_s") else "")
         lines.append(f"{i:>2} {row['id']:<24} {h:>6.2f} {row['state']:<10} "
-                     f"{', '.join(row['claims']) or '-'}{flag}{meas}")
+                     f"{', '.join(row['claims']) or '-'}{flag}{meas}"
+                     + ("  [compiled]" if row.get("compile") else ""))
         lines.append(f"{'':>3} {row['title']}" + (f"; after {', '.join(row['needs'])}"
                                                    if row["needs"] else ""))
     lines += ["", "per chapter (estimated CPU-hours on this machine): "
@@ -315,11 +410,11 @@ class _Runner:
         return float("inf") if self.budget_s is None else \
             self.budget_s - (time.monotonic() - self.start)
 
-    def run_piece(self, p: Piece, est: float) -> dict:
+    def run_piece(self, p: Piece, est: float, compile_: bool = False, why: str = "") -> dict:
         entry = self.status["pieces"].setdefault(p.id, {})
         entry.update({"chapter": p.chapter, "estimate_s": round(est, 1),
                       "spec_hash": spec_hash(p, self.dry_run), "started": _now(),
-                      "status": "running"})
+                      "status": "running", "compile": compile_, "compile_why": why})
         entry.pop("ended", None)
         self.status["running"] = p.id
         self.save()
@@ -327,12 +422,13 @@ class _Runner:
         record.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "repro", "campaign", "piece", p.id, "--record",
                str(record), "--progress"] + (["--dry-run"] if self.dry_run else [])
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "REPRO_COMPILE": "1" if compile_ else "0"}
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
                                             ).strip(os.pathsep)
         eta = _dt.datetime.now() + _dt.timedelta(seconds=est)
         self.log(f"[campaign] {p.id}: starting ({p.title}); estimate {est / 3600:.2f} h, "
-                 f"ETA {eta:%H:%M}; progress in {self.dir / (p.id + '.log')}")
+                 f"ETA {eta:%H:%M}; torch.compile {'on' if compile_ else 'off'} ({why}); "
+                 f"progress in {self.dir / (p.id + '.log')}")
         t = time.monotonic()
         with (self.dir / f"{p.id}.log").open("a") as out:
             out.write(f"\n===== {_now()} {' '.join(cmd)}\n")
@@ -377,6 +473,7 @@ class _Runner:
         ledger[p.id] = {"spec_hash": entry["spec_hash"],
                         "folders": [Path(f).name for f in entry["runs"].values()],
                         "device": results.device_name("cpu"), "cpu": kind,
+                        "compile": entry.get("compile"),
                         "estimated_s": entry["estimate_s"], "measured_s": entry["measured_s"],
                         "commit": results.git_commit(), "finished": entry["ended"]}
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +512,7 @@ def campaign_run(preset: str = "overnight", *, budget_s: float | None = None,
                          f"python -m repro campaign status --device cpu --preset {preset}")
     chosen = [BY_ID[i] for i in pieces] if pieces else order(pieces_for(preset))
     r = measured or rates(chosen, log=log)
+    check = r.get("compile") if measured else compile_check(log=log)
     runner = _Runner(preset, budget_s, commit, log, dry_run, published_root)
 
     def on_term(signum, frame):   # a kill of the runner stops its child too
@@ -441,7 +539,12 @@ def campaign_run(preset: str = "overnight", *, budget_s: float | None = None,
             if runner.left() <= 0:
                 runner.log("[campaign] budget spent: the remaining pieces wait for the next run")
                 break
-            entry = runner.run_piece(p, piece_seconds(p, r["rates"]))
+            compiled, why = use_compile(check or {}, piece_seconds(p, r["rates"]))
+            est = piece_seconds(p, r["rates"], check)
+            entry = runner.run_piece(p, est, compiled, why)
+            if compiled and entry["status"].startswith("failed") and runner.left() > 0:
+                runner.log(f"[campaign] {p.id}: failed compiled; retrying eager")
+                entry = runner.run_piece(p, est, False, "retry after a compiled failure")
             if entry["status"] == "done":
                 runner.finish_piece(p, entry, r["kind"])
             elif runner.left() <= 0:
