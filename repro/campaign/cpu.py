@@ -437,8 +437,9 @@ class _Runner:
                                           cwd=str(PROJECT_ROOT), start_new_session=True)
             last = time.monotonic()
             while self.child.poll() is None:
-                time.sleep(5)
-                if self.left() <= 0:
+                # wake at the budget's end, not up to 5 s after it
+                time.sleep(min(5.0, max(0.05, self.left())))
+                if self.left() <= 0 and self.child.poll() is None:
                     self.log(f"[campaign] {p.id}: budget spent; stopping it (its training "
                              "resumes from the last checkpoint next time)")
                     self.stop_child()
