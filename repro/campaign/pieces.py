@@ -121,11 +121,18 @@ OVERNIGHT_PIECES: list[Piece] = [
           stage="memorization:cifar10", datasets=("cifar10",), preset="overnight"),
     Piece("bat-o-mem-cifar100", "bat", "memorization contrast: K subset models, CIFAR-100",
           stage="memorization:cifar100", datasets=("cifar100",), preset="overnight"),
-    Piece("bat-o-at", "bat", "PGD-AT, TRADES, BAT a=1,2, typical-only (one call: bat.run has "
-          "no `only` yet, so this piece is longer than 2 hours)",
-          claims=("bat.atypical-clean-not-robust", "bat.atypical-hurts-typical",
-                  "bat.tradeoff"), needs=("bat-o-mem-cifar10", "bat-o-mem-cifar100"),
-          datasets=("cifar10", "cifar100"), preset="overnight"),
+    *[Piece(f"bat-o-{name}", "bat", title, only=(name,),
+            claims=(("bat.atypical-clean-not-robust", "bat.atypical-hurts-typical",
+                     "bat.tradeoff") if name == "typical+0" else ()),
+            needs=(("bat-o-mem-cifar10",) if name != "typical+0" else
+                   ("bat-o-mem-cifar10", "bat-o-mem-cifar100", "bat-o-pgd_at", "bat-o-trades",
+                    "bat-o-bat-a1", "bat-o-bat-a2")),
+            datasets=("cifar10",), preset="overnight")
+      for name, title in (("pgd_at", "PGD-AT with per-epoch curves (finding (a))"),
+                          ("trades", "TRADES"),
+                          ("bat-a1", "BAT alpha 1, the published atypical split"),
+                          ("bat-a2", "BAT alpha 2"),
+                          ("typical+0", "PGD-AT on the typical examples only (finding (b))"))],
 ]
 BY_ID = {p.id: p for p in PIECES + OVERNIGHT_PIECES}
 

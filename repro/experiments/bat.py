@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from repro import (attacks, claims, data, distributed, ensemble, evaluate, memorization,
-                   objectives, results, train)
+                   objectives, results, train, typicality)
 from repro.experiments import common
 from repro.params import Param, Spec
 from repro.train import TrainConfig
@@ -74,9 +74,10 @@ SPEC = Spec(CHAPTER, [
     Param("eval_steps", "int", "PGD steps in evaluation", ge=1),
     Param("restarts", "int", "PGD restarts in evaluation", ge=1),
     Param("t", "float", "memorization threshold: atypical = mem > t", ge=-1, le=1),
-    Param("split_source", "str", "what defines the atypical training examples: the subsampled "
-          "estimate, or the proxy's top examples in the estimate's proportion",
-          choices=("estimate", "proxy")),
+    Param("split_source", "str", "what defines the atypical training examples: our subsampled "
+          "estimate, the proxy's top examples in the estimate's proportion, or the published "
+          "scores (repro.typicality: mem > t where Feldman & Zhang's exist, else the C-score "
+          "threshold calibrated on CIFAR-100)", choices=("estimate", "proxy", "official")),
     Param("n_neighbors", "int", "nearest same-class training examples per test example whose "
           "influence is estimated", ge=1),
     Param("alphas", "list[float]", "BAT's alpha values (reweighting strength)", ge=0),
@@ -116,17 +117,18 @@ SPEC = Spec(CHAPTER, [
                    n_neighbors=10, alphas=[1.0, 2.0], beta=0.2, tau=0.5, trades_beta=6.0,
                    atypical_fractions=[0.0, 1.0], curve_test=1000, autoattack="fast",
                    seed=0, device="auto"),
-    # overnight (provisional: issue 25 replaces the split by the official C-scores and pilots
-    # the recipe): full CIFAR-10, a width-16 PreAct-ResNet-18 trained 15 epochs with PGD-3,
-    # the full test set; the memorization estimate at the laptop's K = 32 (its SE stays above
-    # the claims' floor for the estimate source: the official split is what decides them).
+    # overnight: full CIFAR-10, the atypical training split from the published scores
+    # (repro.typicality: C-score below the threshold calibrated on CIFAR-100, 10.8% of the
+    # images), a width-16 PreAct-ResNet-18 trained 15 epochs with PGD-3, the full test set;
+    # our memorization estimate at the laptop's K = 32 stays beside the published split (its
+    # agreement with it is shown) and still picks the atypical *test* examples (influence).
     "overnight": dict(dataset="cifar10", contrast="cifar100", n_train=None, n_val=1000,
                       n_test=10000, mem_k=32, mem_fraction=0.7, mem_arch="small_cnn",
                       mem_width=16, mem_epochs=10, mem_batch_size=128, mem_augment=False,
                       mem_method="standard", arch="preact_resnet18", width=16, epochs=15,
                       lr=0.1, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
                       train_steps=3, eval_steps=20, restarts=1, t=0.15,
-                      split_source="estimate", n_neighbors=10, alphas=[1.0, 2.0], beta=0.2,
+                      split_source="official", n_neighbors=10, alphas=[1.0, 2.0], beta=0.2,
                       tau=0.5, trades_beta=6.0, atypical_fractions=[0.0, 1.0],
                       curve_test=1000, autoattack="fast", seed=0, device="auto"),
     # gpu: three H200 campaign pieces (repro/campaign/): K = 100 subset models on
@@ -476,6 +478,17 @@ def memorization_run(cfg, ds, device, progress=False, with_proxy=True, *,
             arrays["mem_adv"] = adv.value.astype(np.float32)
             metrics["estimate_adv"] = adv.summary()
         atyp = memorization.atypical(est.value, cfg["t"])
+        if cfg["split_source"] == "official" and with_proxy:
+            # the published scores define the training split; our estimate stays beside it
+            # (its agreement with them is the chapter's check of the estimator)
+            official, cal, scores = typicality.atypical(ds, cfg["t"])
+            metrics["official"] = {
+                "calibration": cal.as_dict(), "scores": scores.provenance(),
+                "agreement": typicality.agreement(est.value, atyp, scores, official),
+                # the precision of the rule the split stands for (mem > t, 4,000 models)
+                "split_se": typicality.FZ_SE_MAX}
+            arrays["official_score"] = scores.values.astype(np.float32)
+            atyp = official
         if prox is not None:
             pa = prox.arrays()
             proxy = pa["proxy"].astype(np.float64)
@@ -556,35 +569,63 @@ def _pgd_at_objective(cfg):
                              steps=cfg["train_steps"])
 
 
-def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
+def at_run_names(cfg: dict) -> list[str]:
+    """The adversarially trained runs of a config, in the order ``run`` trains them."""
+    names = ["pgd_at", "trades", *[f"bat-a{a:g}" for a in cfg["alphas"]]]
+    return names + [f"typical+{f:g}" for f in cfg["atypical_fractions"] if f < 1]
+
+
+def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) -> dict:
+    """Estimate memorization, then train and evaluate PGD-AT, TRADES, BAT and the
+    typical+f runs (or reuse cached runs).
+
+    ``only``: compute just these AT runs (names from ``at_run_names``), after the main
+    dataset's memorization runs they need (the contrast's is skipped): a campaign piece of
+    one model. The result then has no ``summary``; the cache joins the pieces."""
     cfg = SPEC.resolve(preset, **overrides)
+    if only is not None:
+        only = list(only)
+        unknown = sorted(set(only) - set(at_run_names(cfg)))
+        if unknown:
+            raise ValueError(f"bat.run: only names unknown runs {unknown}; this config has "
+                             f"{at_run_names(cfg)}")
     torch.manual_seed(cfg["seed"])
     device = common.pick_device(cfg["device"])
     eps = _eps(cfg)
     ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
                              n_val=cfg["n_val"])
+    if cfg["split_source"] == "official":
+        typicality.official_index(ds)       # no published scores for these images: fail now
     out = {"config": cfg, "runs": {}}
     mem = memorization_run(cfg, ds, device, progress)
     out["runs"]["memorization"] = _record(mem)
     out["runs"]["proxy"] = _record(proxy_run(cfg, ds, device, progress))
-    if cfg["contrast"] not in ("none", cfg["dataset"]):
+    if cfg["contrast"] not in ("none", cfg["dataset"]) and only is None:
         cds = common.load_dataset(cfg["contrast"], n_train=cfg["n_train"],
                                   n_test=cfg["n_test"], n_val=cfg["n_val"])
         out["runs"]["memorization_contrast"] = _record(
             memorization_run(cfg, cds, device, progress, with_proxy=False))
     atyp = mem.arrays()["train_atypical"]
 
+    def wanted(name):
+        return only is None or name in only
+
     # PGD-AT on everything (baseline + finding (a) curves), TRADES, BAT
     step = 2.5 * eps / cfg["train_steps"]
     split_key = {"split": {"t": cfg["t"], "source": cfg["split_source"],
                            "mem": _mem_config(cfg, ds.name)}}
-    out["runs"]["pgd_at"] = _record(_at_run("pgd_at", cfg, ds, ds, _pgd_at_objective(cfg),
-                                            device, progress, curves=True))
-    out["runs"]["trades"] = _record(_at_run(
-        "trades", cfg, ds, ds, objectives.trades(beta=cfg["trades_beta"], eps=eps, alpha=step,
-                                                 steps=cfg["train_steps"]),
-        device, progress, extra={"trades_beta": cfg["trades_beta"]}))
+    pgd_at_needed = wanted("pgd_at") or (only is None and 1.0 in cfg["atypical_fractions"])
+    if pgd_at_needed:
+        out["runs"]["pgd_at"] = _record(_at_run("pgd_at", cfg, ds, ds, _pgd_at_objective(cfg),
+                                                device, progress, curves=True))
+    if wanted("trades"):
+        out["runs"]["trades"] = _record(_at_run(
+            "trades", cfg, ds, ds, objectives.trades(beta=cfg["trades_beta"], eps=eps,
+                                                     alpha=step, steps=cfg["train_steps"]),
+            device, progress, extra={"trades_beta": cfg["trades_beta"]}))
     for a in cfg["alphas"]:
+        if not wanted(f"bat-a{a:g}"):
+            continue
         obj = objectives.bat(atyp, alpha=a, beta=cfg["beta"], tau=cfg["tau"], eps=eps,
                              step=step, steps=cfg["train_steps"])
         out["runs"][f"bat-a{a:g}"] = _record(_at_run(
@@ -598,13 +639,17 @@ def run(preset: str = "smoke", progress: bool = True, **overrides) -> dict:
     for f in cfg["atypical_fractions"]:
         n_add = int(round(f * len(atyp_idx)))
         if n_add == len(atyp_idx):  # the whole training set: that is the pgd_at run
-            out["runs"][f"typical+{f:g}"] = out["runs"]["pgd_at"]
+            if "pgd_at" in out["runs"]:
+                out["runs"][f"typical+{f:g}"] = out["runs"]["pgd_at"]
+            continue
+        if not wanted(f"typical+{f:g}"):
             continue
         idx = np.sort(np.concatenate([typ_idx, atyp_idx[:n_add]]))
         out["runs"][f"typical+{f:g}"] = _record(_at_run(
             f"typical+{f:g}", cfg, ds, _subset(ds, idx), _pgd_at_objective(cfg), device,
             progress, extra={**split_key, "atypical_fraction": f}))
-    out["summary"] = summary(out)
+    if only is None:
+        out["summary"] = summary(out)
     return out
 
 
@@ -711,6 +756,43 @@ def extremes(result: dict, ds: data.Dataset | None = None, per_class: int = 1,
             "mem_most": mem[most], "mem_least": mem[least]}
 
 
+def published_reference(t: float = 0.15) -> dict:
+    """The published CIFAR-100 C-scores and memorization estimates with their calibration
+    (``typicality.calibration``): ``{"available", "why", "calibration", "cscore", "mem",
+    "cifar10_cscore", "cifar10_fraction"}``; ``available`` is False (``why`` says what is
+    missing) where the score files are not on disk."""
+    try:
+        cal = typicality.calibration(t)
+        c10 = typicality.reference("cifar10", "cscore")
+    except (typicality.NoOfficialScoresError, FileNotFoundError) as e:
+        return {"available": False, "why": str(e)}
+    return {"available": True, "why": "", "calibration": cal,
+            "cscore": typicality.reference("cifar100", "cscore"),
+            "mem": typicality.reference("cifar100", "mem"), "cifar10_cscore": c10,
+            "cifar10_fraction": float((c10 < cal.threshold).mean())}
+
+
+def estimator_agreement(result: dict, ds: data.Dataset | None = None) -> dict:
+    """Our subset-model estimate against the published score of the same training images:
+    Spearman and the overlap of the atypical sets (``typicality.agreement``), plus
+    ``available`` / ``why`` (False where no published score fits these images, e.g. our
+    offline CIFAR-100). Works for any run, whatever its ``split_source``."""
+    cfg = result["config"]
+    mm = result["runs"]["memorization"]["metrics"]
+    if "official" in mm:
+        return {"available": True, "why": "", **mm["official"]["agreement"]}
+    if ds is None:
+        ds = common.load_dataset(cfg["dataset"], n_train=cfg["n_train"], n_test=cfg["n_test"],
+                                 n_val=cfg["n_val"])
+    try:
+        official, _, scores = typicality.atypical(ds, cfg["t"])
+    except (typicality.NoOfficialScoresError, FileNotFoundError) as e:
+        return {"available": False, "why": str(e)}
+    mem = np.asarray(result["runs"]["memorization"]["arrays"]["mem"], float)
+    return {"available": True, "why": "",
+            **typicality.agreement(mem, memorization.atypical(mem, cfg["t"]), scores, official)}
+
+
 def summary(result: dict) -> dict:
     mm = result["runs"]["memorization"]["metrics"]
     s = {"k": mm["k"], "mem_mean_se": mm["estimate"]["mean_se"],
@@ -731,11 +813,33 @@ def _pct(x):
     return f"{100 * x:.1f}%"
 
 
+def split_se(result: dict) -> float:
+    """The standard error of the memorization behind the atypical training split: our
+    estimate's mean SE, or, for the published split, that of the rule it stands for
+    (Feldman & Zhang's mem > t from 4,000 models, ``typicality.FZ_SE_MAX``)."""
+    mm = result["runs"]["memorization"]["metrics"]
+    if "official" in mm:
+        return float(mm["official"]["split_se"])
+    return float(mm["estimate"]["mean_se"])
+
+
+def test_split_se(result: dict) -> float | None:
+    """Mean standard error of the largest influence that makes a test example atypical,
+    over the atypical test examples (always our subset models' estimate: nobody published
+    influences for these test images). None when no test example is atypical."""
+    a = result["runs"]["memorization"]["arrays"]
+    if "test_max_infl_se" not in a or not np.asarray(a["test_atypical"]).any():
+        return None
+    se = np.asarray(a["test_max_infl_se"], float)[np.asarray(a["test_atypical"], bool)]
+    return float(np.nanmean(se))
+
+
 def _facts(result: dict, n: int) -> dict:
     """What the claims' floors (repro/claims_data/bat.json) ask about this run."""
-    cfg, mm = result["config"], result["runs"]["memorization"]["metrics"]
+    cfg = result["config"]
     return {"full_training_set": cfg["n_train"] is None,
-            "mem_se": mm["estimate"]["mean_se"],
+            "mem_se": split_se(result),
+            "test_split_se": test_split_se(result),
             "pgd_at_clean": result["runs"]["pgd_at"]["metrics"]["accuracy"]["clean"],
             "test_images": n}
 
