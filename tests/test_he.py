@@ -310,3 +310,22 @@ def test_evaluation_killed_after_a_stage_resumes_to_the_uninterrupted_result(tmp
         (tmp_path / "b" / "eval" / f"{f}.npz").unlink()
     tampered = he._evaluate(model, ds, cfg, cpu, False, tmp_path / "b")
     assert tampered[0]["eps_curve"]["accuracy"][0] == 1 - whole[0]["eps_curve"]["accuracy"][0]
+
+
+def test_eps_curve_reuses_the_attack_at_its_eps_and_geometry_is_capped(cifar10, monkeypatch):
+    """The eps curve's point at the evaluation's own eps is the attack stage's C&W-PGD
+    accuracy (the same attack: 1 restart, same steps and step size), other radii are
+    attacked afresh (a smaller radius is never less accurate here), and the feature geometry
+    covers the first GEOMETRY_MAX test images only."""
+    from repro.experiments import common, he
+    monkeypatch.setattr(he, "GEOMETRY_MAX", 16)
+    cfg = he.SPEC.resolve("smoke", n_test=40, eval_steps=3, eps_grid=[0.0, 2.0, 8.0],
+                          restarts=1)
+    ds = cifar10.limit(n_train=10, n_val=10, n_test=40)
+    model = common.model_for("preact_resnet18", ds, width=4, head="hypersphere")().eval()
+    metrics, arrays = he._evaluate(model, ds, cfg, torch.device("cpu"), False, None)
+    cw = metrics["accuracy"][metrics["keys"]["cw"]]
+    curve = metrics["eps_curve"]["accuracy"]
+    assert curve[2] == cw and curve[0] == metrics["accuracy"]["clean"]
+    assert curve[0] >= curve[1] >= curve[2]
+    assert all(len(arrays[k]) == 16 for k in ("norm_clean", "angle_clean", "norm_adv"))

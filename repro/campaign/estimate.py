@@ -156,8 +156,10 @@ def workload_he(cfg: dict, piece: Piece | None = None) -> list[Job]:
         jobs.append(_train(arch, n, cfg["epochs"], per[base], cfg["batch_size"],
                            cfg["val_size"], what=f"{name} train"))
         ev = nt * (1 + 2 * _pgd_passes(s, cfg["restarts"]))          # clean, CE and C&W PGD
-        ev += sum(1 for e in cfg["eps_grid"] if e) * nt * _pgd_passes(s)   # eps curve
-        ev += nt * (2 * s + 2)                                         # feature geometry
+        # eps curve: the point at the attack's own eps reuses the attack stage (1 restart)
+        ev += sum(1 for e in cfg["eps_grid"] if e and not (
+            e == cfg["eps"] and cfg["restarts"] == 1)) * nt * _pgd_passes(s)
+        ev += min(nt, he.GEOMETRY_MAX) * (2 * s + 2)                   # feature geometry
         if cfg["autoattack"] != "none":
             ev += _aa(cfg["autoattack"], min(cfg["n_aa"], nt))
         jobs.append(Job(arch, ev, 256, f"{name} eval"))
