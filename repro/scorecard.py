@@ -49,12 +49,52 @@ def rows(root: Path | None = None, *, judge_smoke: bool = False) -> list[dict]:
     return out
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def badge(verdict: str) -> str:
+    """A verdict as a coloured badge (MyST, sphinx-design)."""
+    return f"{{{BADGE[verdict]}}}`{verdict}`"
 
 
-def _short_device(d: str) -> str:
+def anchor(claim_id: str) -> str:
+    """The label of a claim's card on the scorecard (chapters' verdict boxes link to it)."""
+    return "claim-" + claim_id.replace(".", "-").replace("_", "-")
+
+
+def short_device(d: str) -> str:
     return d.split(":")[0] if d else "?"
+
+
+def _run_words(run: dict) -> str:
+    return (f"`{run['preset']}`, {'/'.join(short_device(d) for d in run['devices'])}, "
+            f"seed {run['seed']}")
+
+
+def card(r: dict) -> list[str]:
+    """One claim as a card: verdict, claim, the paper's number and ours; the floor, the
+    smallest detectable effect and the run folded into a dropdown (details on demand)."""
+    paper_val = r["paper_value"] + (f" ({r['unit']})" if r["unit"] else "")
+    if r["source"]:
+        paper_val += f" <small>— {r['source']}</small>"
+    ours = r["ours"] + (f" <small>— {r['note']}</small>" if r["note"] else "")
+    floor = {True: "floor met", False: "floor not met", None: "no floor check"}[r["floor_met"]]
+    mde = f"detectable {r['mde']:.1f} points" if r["mde"] is not None else "no interval"
+    run = f"run {_run_words(r['run'])}" if r["run"] else "no judged run"
+    details = []
+    if r["floor_why"]:
+        details.append(f"**Scale floor:** {r['floor_why']}")
+    if r["floor"] and r["floor"] not in (r["floor_why"] or ""):
+        details.append(f"**Why this floor:** {r['floor']}")
+    if r["mde"] is not None:
+        details.append(f"**Detectable:** {r['mde']:.1f} points (the smallest true effect this "
+                       "run detects with 80% power)")
+    if r["run"]:
+        details.append(f"**Run:** {_run_words(r['run'])}, library commit "
+                       + ", ".join(f"`{c}`" for c in r["run"]["commits"])
+                       + f", computed {str(r['run']['computed'])[:10]}")
+    return [f"({anchor(r['id'])})=", "::::{card}", ":class-card: claim-card", "",
+            f"{badge(r['verdict'])} **{r['claim']}** <small>`{r['id']}`</small>", "",
+            f"**Paper:** {paper_val}", "", f"**Ours:** {ours}", "",
+            f":::{{dropdown}} {floor} · {mde} · {run}", ":class-container: claim-details", "",
+            "\n\n".join(details or ["No run judged this claim yet."]), ":::", "::::", ""]
 
 
 def markdown(root: Path | None = None) -> str:
@@ -67,7 +107,20 @@ def markdown(root: Path | None = None) -> str:
         "(`book/published/`) by `python -m repro.scorecard` at build time; no number on it is "
         "typed by hand. A claim stays *not yet run* until its chapter provides an evaluator "
         "and a published (`laptop`, `gpu` or `paper`) run; `smoke` runs are never judged.", "",
-        "**The rule.** Each claim states the paper's effect and a *scale floor* below which "
+        f"**{len(table)} claims:** " + ", ".join(
+            f"{badge(v)} {counts.get(v, 0)}" for v in claims.VERDICTS), "",
+        "| paper | verdicts | published run |", "|---|---|---|",
+    ]
+    for paper, info in claims.PAPERS.items():
+        per = Counter(r["verdict"] for r in table if r["paper"] == paper)
+        rec = publish.record(info["chapter"], root)
+        pub = (f"`{rec['preset']}`, {'/'.join(short_device(d) for d in rec['devices'])}"
+               if rec else "none yet")
+        lines.append(f"| [{info['short']}](#scorecard-{paper}) | "
+                     + " ".join(f"{badge(v)} {per[v]}" for v in claims.VERDICTS if per[v])
+                     + f" | {pub} |")
+    lines += [
+        "", "**The rule.** Each claim states the paper's effect and a *scale floor* below which "
         "it is not tested (both in `repro/claims_data/`, with their sources). Estimates are "
         "paired differences over the same test images (and seeds), with a 95% interval: "
         "*reproduced* when the interval excludes 0 in the paper's direction; *partly* when "
@@ -75,21 +128,9 @@ def markdown(root: Path | None = None) -> str:
         "*not reproduced* only at or above the floor, with an interval that excludes the "
         "paper's effect; *inconclusive* below the floor, or when the interval holds both 0 "
         "and the paper's effect. *Detectable* is the smallest true effect the run would "
-        "detect with 80% power (2.8 × SE; t quantiles for seed-level estimates).", "",
-        f"**{len(table)} claims:** " + ", ".join(
-            f"{{{BADGE[v]}}}`{v}` {counts.get(v, 0)}" for v in claims.VERDICTS), "",
-        "| paper | claims | " + " | ".join(claims.VERDICTS) + " | published run |",
-        "|---|---|" + "---|" * len(claims.VERDICTS) + "---|",
-    ]
-    for paper, info in claims.PAPERS.items():
-        per = Counter(r["verdict"] for r in table if r["paper"] == paper)
-        rec = publish.record(info["chapter"], root)
-        pub = (f"`{rec['preset']}`, {'/'.join(_short_device(d) for d in rec['devices'])}"
-               if rec else "none yet")
-        lines.append(f"| [{info['short']}](#scorecard-{paper}) | {sum(per.values())} | "
-                     + " | ".join(str(per.get(v, 0)) for v in claims.VERDICTS)
-                     + f" | {pub} |")
-    lines.append("")
+        "detect with 80% power (2.8 × SE; t quantiles for seed-level estimates). Each claim "
+        "below is a card: its verdict, the paper's number and ours; the floor, the detectable "
+        "effect and the run unfold under it.", ""]
     for paper, info in claims.PAPERS.items():
         prows = [r for r in table if r["paper"] == paper]
         chapter = info["chapter"]
@@ -105,29 +146,11 @@ def markdown(root: Path | None = None) -> str:
             devices = ", ".join(rec["devices"])
             lines.append(
                 f"Published run of {link}: preset `{rec['preset']}`, device {devices}, seed "
-                f"{rec['seed']}, library commit {', '.join(f'`{c}`' for c in rec['commits'])}, "
-                f"computed {str(rec['computed'])[:10]}, "
+                f"{rec['seed']}, computed {str(rec['computed'])[:10]}, "
                 f"{rec['compute_wall_time_s'] / 60:.1f} min of compute.")
-        lines += ["", "| claim | paper | ours | floor | detectable | from | verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in prows:
-            paper_val = r["paper_value"] + (f" ({r['unit']})" if r["unit"] else "")
-            if r["source"]:
-                paper_val += f"<br><small>{r['source']}</small>"
-            ours = r["ours"] + (f"<br><small>{r['note']}</small>" if r["note"] else "")
-            frm = "—"
-            if r["run"]:
-                frm = (f"`{r['run']['preset']}`, "
-                       f"{'/'.join(_short_device(d) for d in r['run']['devices'])}, "
-                       f"seed {r['run']['seed']}")
-            floor = {True: "met", False: "not met", None: "—"}[r["floor_met"]]
-            if r["floor_met"] is not None or r["floor_why"]:
-                floor += f"<br><small>{r['floor_why']}</small>"
-            mde = f"{r['mde']:.1f} points" if r["mde"] is not None else "—"
-            lines.append("| " + " | ".join(_cell(x) for x in [
-                f"{r['claim']}<br><small>`{r['id']}`</small>", paper_val, ours, floor, mde, frm,
-                f"{{{BADGE[r['verdict']]}}}`{r['verdict']}`"]) + " |")
         lines.append("")
+        for r in prows:
+            lines += card(r)
     return "\n".join(lines)
 
 
