@@ -25,6 +25,7 @@ import datetime as _dt
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -118,23 +119,99 @@ def _relativise_outputs(nb_path: Path) -> None:
     nb_path.write_text(text)
 
 
-def prepare_for_book(src: Path, dst: Path) -> Path:
+def prepare_for_book(src: Path, dst: Path, source: Path | None = None,
+                     chapter: str | None = None, log=print) -> Path:
     """Copy an executed chapter notebook to where the book renders it, tidied for readers:
     the source's parameters cell (all ``...``) is removed from the page (papermill's
-    injected-parameters cell, which shows the values actually used, stays), and this
-    machine's absolute paths become relative."""
+    injected-parameters cell, which shows the values actually used, stays), this machine's
+    absolute paths become relative, the source notebook's display tags and prose apply
+    (``sync_from_source``, with ``source``), and the chapter's verdict box goes under its
+    introduction (``repro.verdicts``, with ``chapter``)."""
     nb = json.loads(Path(src).read_text())
+    if source is not None and Path(source).exists():
+        for note in sync_from_source(nb, json.loads(Path(source).read_text())):
+            log(f"  {Path(dst).name}: {note}")
     injected = any("injected-parameters" in c.get("metadata", {}).get("tags", [])
                    for c in nb["cells"])
     for cell in nb["cells"]:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if injected and "parameters" in tags and "remove-cell" not in tags:
             tags.append("remove-cell")
+    if chapter is not None:
+        from repro import verdicts
+        verdicts.insert_box(nb, chapter)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     _relativise_outputs(dst)
     return dst
+
+
+# Cell tags that decide what a page shows (Jupyter Book / myst-nb); other tags (parameters,
+# injected-parameters) belong to the execution and are never touched.
+DISPLAY_TAGS = ("hide-input", "hide-output", "hide-cell", "remove-input", "remove-output",
+                "remove-cell")
+GLUE_REF = re.compile(r"\{glue(?::\w+)?\}`([^`:<]+)")
+
+
+def glued_names(nb: dict) -> set[str]:
+    """The names a notebook's outputs glued (``myst_nb.glue``)."""
+    return {o["metadata"]["scrapbook"]["name"] for c in nb["cells"]
+            for o in c.get("outputs", []) if "scrapbook" in o.get("metadata", {})}
+
+
+def sync_from_source(nb: dict, source: dict) -> list[str]:
+    """Bring an executed notebook's presentation up to date with its source, in place, without
+    re-executing it (a published chapter shows its run, recorded when it was published):
+
+    - every cell gets the source cell's display tags (``DISPLAY_TAGS``: hide-input, ...), the
+      cells matched by id, else by identical source text;
+    - a markdown cell takes the source's text if the executed code is the source's (every code
+      cell, parameters cells aside, has its source's text) and every ``{glue}`` name the new
+      text cites was glued by the executed notebook; otherwise the executed prose stays, as it
+      describes the outputs it was executed with.
+
+    Returns notes on what stayed behind (for the assemble log)."""
+    by_id = {c.get("id"): c for c in source["cells"] if c.get("id")}
+    by_text = {(c["cell_type"], _text(c)): c for c in source["cells"]}
+
+    def match(cell):
+        s = by_id.get(cell.get("id"))
+        if s is not None and s["cell_type"] == cell["cell_type"]:
+            return s
+        return by_text.get((cell["cell_type"], _text(cell)))
+
+    def is_params(cell):
+        return {"parameters", "injected-parameters"} & set(cell.get("metadata", {})
+                                                            .get("tags", []))
+
+    same_code = all(match(c) is not None and _text(match(c)) == _text(c)
+                    for c in nb["cells"] if c["cell_type"] == "code" and not is_params(c))
+    glued = glued_names(nb)
+    notes = []
+    for cell in nb["cells"]:
+        s = match(cell)
+        if s is None:
+            continue
+        tags = [t for t in cell.setdefault("metadata", {}).get("tags", [])
+                if t not in DISPLAY_TAGS]
+        cell["metadata"]["tags"] = tags + [t for t in s.get("metadata", {}).get("tags", [])
+                                           if t in DISPLAY_TAGS]
+        if cell["cell_type"] != "markdown" or _text(s) == _text(cell):
+            continue
+        missing = set(GLUE_REF.findall(_text(s))) - glued
+        if same_code and not missing:
+            cell["source"] = s["source"]
+        else:
+            notes.append(f"markdown cell {cell.get('id')} keeps its executed text ("
+                         + ("the code changed since" if not same_code else
+                            f"not glued: {', '.join(sorted(missing))}") + ")")
+    return notes
+
+
+def _text(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
 
 
 def _check_notebook(nb_path: Path) -> None:
@@ -286,15 +363,18 @@ def main(args) -> int:
 
 def assemble(smoke_dir: Path, out_dir: Path, chapters=None, log=print) -> dict[str, Path]:
     """Put every chapter's notebook where the book renders it: the published execution
-    (``book/published/<c>/<c>.ipynb``) where there is one, else the smoke execution."""
+    (``book/published/<c>/<c>.ipynb``) where there is one, else the smoke execution, with the
+    source notebook's display tags and prose and the chapter's verdict box
+    (``prepare_for_book``)."""
     chosen = {}
     for c in chapters or experiments.CHAPTERS:
         published = published_dir(c) / f"{c}.ipynb"
         src = published if published.exists() else Path(smoke_dir) / f"{c}.ipynb"
         if not src.exists():
             raise PublishError(f"no notebook for chapter {c}: neither {published} nor {src}")
-        dst = prepare_for_book(src, Path(out_dir) / f"{c}.ipynb")
-        log(f"{dst} <- {src}")
+        log(f"{Path(out_dir) / f'{c}.ipynb'} <- {src}")
+        prepare_for_book(src, Path(out_dir) / f"{c}.ipynb",
+                         source=experiments.notebook_path(c), chapter=c, log=log)
         chosen[c] = src
     return chosen
 
