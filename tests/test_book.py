@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from repro import claims, experiments, publish, scorecard
+from repro import claims, experiments, publish, scorecard, verdicts
 
 ROOT = experiments.PROJECT_ROOT
 SITE = ROOT / "_build" / "html"
@@ -146,6 +146,84 @@ def test_scorecard_lists_every_claim(tmp_path):
     rows = scorecard.rows(empty)
     assert {r["verdict"] for r in rows} == {claims.NOT_YET_RUN}
     assert len(rows) == sum(len(cs) for cs in claims.all_claims().values())
+    # one card per claim, under a label the chapters' verdict boxes link to; no wide tables
+    for r in rows:
+        assert f"({scorecard.anchor(r['id'])})=\n::::{{card}}" in text
+    assert max(line.count(" | ") for line in text.splitlines()) <= 2
+
+
+def _md(text, id_, tags=()):
+    return {"cell_type": "markdown", "id": id_, "metadata": {"tags": list(tags)},
+            "source": text}
+
+
+def _code(text, id_, tags=(), glued=()):
+    outs = [{"output_type": "display_data", "data": {"application/papermill.record/text/plain":
+             "1"}, "metadata": {"scrapbook": {"name": g, "mime_prefix": "x"}}} for g in glued]
+    return {"cell_type": "code", "id": id_, "metadata": {"tags": list(tags)},
+            "outputs": outs, "source": text, "execution_count": None}
+
+
+def test_verdict_box_comes_from_the_scorecard_rows_and_replaces_the_marker(tmp_path):
+    empty = tmp_path / "published"
+    box = verdicts.box("he", empty)
+    rows = verdicts.chapter_rows("he", empty)
+    assert rows and [r["paper"] for r in rows] == ["he"] * len(rows)
+    for r in rows:  # a badge and a link to the claim's scorecard card, per claim
+        assert f"{scorecard.badge(r['verdict'])} {{ref}}`" in box
+        assert f"<{scorecard.anchor(r['id'])}>`" in box
+    assert box.startswith(":::{admonition}") and f":class: {verdicts.BOX_CLASS}" in box
+    assert "smoke" in box  # nothing published: the sentence on the scale says so
+    nb = {"cells": [_md(f"# Title\n\n{verdicts.MARKER}\n\nmore", "a"), _code("x = 1", "b")]}
+    verdicts.insert_box(nb, "he", empty)
+    assert verdicts.MARKER not in nb["cells"][0]["source"] and box in nb["cells"][0]["source"]
+    nb = {"cells": [_md("# Title", "a"), _code("x = 1", "b")]}  # no marker: after the intro
+    verdicts.insert_box(nb, "he", empty)
+    assert nb["cells"][1]["source"] == box and nb["cells"][2]["id"] == "b"
+
+
+def test_sync_from_source_applies_tags_and_only_prose_the_outputs_back():
+    executed = {"cells": [
+        _md("old intro", "m0"),
+        _code("preset = 'laptop'", "p", ["injected-parameters"]),
+        _code("glue('a', 1)", "c1", ["hide-output"], glued=["a"]),
+        _md("a is {glue:text}`a`", "m1"),
+        _md("old text", "m2")]}
+    source = {"cells": [
+        _md("new intro", "m0"),
+        _code("glue('a', 1)", "c1", ["hide-cell", "other"]),
+        _md("a is {glue:text}`a:.1f` and b is {glue:text}`b`", "m1"),
+        _md("new text", "m2")]}
+    notes = publish.sync_from_source(executed, source)
+    cells = {c["id"]: c for c in executed["cells"]}
+    assert cells["c1"]["metadata"]["tags"] == ["hide-cell"]  # display tags only, replaced
+    assert cells["p"]["metadata"]["tags"] == ["injected-parameters"]
+    assert cells["m0"]["source"] == "new intro" and cells["m2"]["source"] == "new text"
+    assert cells["m1"]["source"] == "a is {glue:text}`a`" and "b" in notes[0]  # b not glued
+    # once the code differs from what was executed, the executed prose stays (the tags still
+    # follow the cell by id)
+    source["cells"][1]["source"] = "glue('a', 2)"
+    executed["cells"][0]["source"] = "old intro"
+    assert "code changed" in publish.sync_from_source(executed, source)[0]
+    assert executed["cells"][0]["source"] == "old intro"
+    assert executed["cells"][2]["metadata"]["tags"] == ["hide-cell"]
+
+
+@pytest.mark.parametrize("chapter", list(experiments.CHAPTERS))
+def test_chapter_source_puts_verdicts_first_and_folds_its_plumbing(chapter):
+    nb = json.loads(experiments.notebook_path(chapter).read_text())
+    cells = nb["cells"]
+    first_code = next(i for i, c in enumerate(cells) if c["cell_type"] == "code")
+    intro = "".join("".join(c["source"]) for c in cells[:first_code])
+    assert verdicts.MARKER in intro, "mark where the introduction ends: <!-- verdicts -->"
+    for c in cells:
+        tags = set(c.get("metadata", {}).get("tags", []))
+        src = "".join(c["source"])
+        if c["cell_type"] != "code":
+            continue
+        assert not tags & {"remove-input", "remove-cell"}, "fold code (hide-*), keep it"
+        if re.search(r"^\s*glue\(", src, re.M):
+            assert tags & {"hide-input", "hide-cell"}, f"glue cell shown: {src[:60]!r}"
 
 
 def test_offline_check_flags_remote_assets(tmp_path):
@@ -287,6 +365,32 @@ def test_ci_checks_the_built_book_after_building_it():
     assert ci.index("make book") < ci.index("make check-built-book")
     make = (ROOT / "Makefile").read_text()
     assert "REPRO_BUILT_BOOK=1" in make and "-m built_book" in make
+
+
+def test_browser_test_flags_what_a_reader_trips_over():
+    bt = _tool("browser_test")
+    ok = {"width": 390, "pageWidth": 390, "scrolling": [], "glueCells": [], "codeCells": 3,
+          "verdicts": {"badges": 2, "items": 2, "links": 2, "beforeFirstCode": True}}
+    assert bt.layout_problems(ok, chapter=True) == []
+    bad = {**ok, "pageWidth": 498, "scrolling": ["table in a 900-px box 358 px wide (scrolls)"],
+           "glueCells": ["glue('x', 1)"],
+           "verdicts": {"badges": 2, "items": 2, "links": 1, "beforeFirstCode": False}}
+    assert len(bt.layout_problems(bad, chapter=True)) == 5
+    assert len(bt.layout_problems(bad, chapter=False)) == 2  # verdicts and glue: chapters only
+    assert bt.layout_problems({**ok, "verdicts": None}, chapter=True) == [
+        "no verdict box (.admonition.verdicts)"]
+    assert set(bt.SCREENS) == {1280, 390}
+    assert bt.chapter_pages() == {f"book/chapters/{c}.html" for c in experiments.CHAPTERS}
+
+
+@pytest.mark.built_book
+def test_built_chapters_show_their_verdicts_before_any_code(site):
+    for chapter in experiments.CHAPTERS:
+        html = (site / "book" / "chapters" / f"{chapter}.html").read_text()
+        m = re.search(rf'class="[^"]*\b{verdicts.BOX_CLASS}\b[^"]*"', html)
+        box = m.start() if m else -1
+        assert 0 <= box < html.find('class="cell'), chapter
+        assert "scorecard.html#claim-" in html[box:html.find('class="cell')]
 
 
 def test_browser_test_finds_raw_math():

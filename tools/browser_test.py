@@ -3,7 +3,8 @@
     python tools/browser_test.py _build/html --screenshots _build/screenshots
 
 The site is served from 127.0.0.1 (a throwaway http.server thread: fonts and scripts behave as
-on a real host, which file:// does not guarantee). For each page:
+on a real host, which file:// does not guarantee). Every page is read twice, on a 1280-px
+screen and on a 390-px phone (mobile emulation), and each time:
 
 - every <img> has loaded (complete and naturalWidth > 0);
 - every internal link points at a file that exists in the build, and its #fragment at an id
@@ -11,7 +12,13 @@ on a real host, which file:// does not guarantee). For each page:
 - math is rendered: each Sphinx math element holds MathJax output (mjx-container) and no raw
   ``$...$``, ``\\(...\\)`` or ``\\[...\\]`` is left in the visible text outside code;
 - no request left the machine (Chrome's network log), and no console error;
-- a full-page screenshot goes to SCREENSHOTS/<page path>.png.
+- the layout fits: no table, equation or figure sits in a box that scrolls (or clips)
+  sideways, and the page itself is no wider than the screen (code blocks may scroll);
+- on a chapter page (``book/chapters/<c>.html`` for each chapter of the registry): the verdict
+  box (``.admonition.verdicts``, with a badge and a link to the scorecard per claim) comes
+  before the first code cell the page shows, and no visible code cell calls ``glue(``
+  (glue-only plumbing is folded away with a hide-* tag);
+- a full-page screenshot goes to SCREENSHOTS/<width>px/<page path>.png.
 
 Uses Debian's chromium and chromedriver (apt-get install chromium chromium-driver) through
 selenium; no browser is downloaded. Exit status 1 on any problem; a JSON report is written
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import importlib.util
 import http.server
 import json
 import re
@@ -41,6 +49,9 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
          "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio",
          "--window-size=1280,1000", "--hide-scrollbars"]
 MAX_SHOT_HEIGHT = 12000
+# Screen widths a page is read at, with the viewport height: a laptop, and a phone (390 px,
+# emulated as a mobile device, so the page's viewport meta tag applies).
+SCREENS = {1280: 1000, 390: 844}
 # Console errors that say nothing about the page: no favicon; pydata-sphinx-theme reporting an
 # empty light/dark preference in a fresh profile.
 BENIGN = ("favicon.ico", "Got invalid theme mode")
@@ -73,6 +84,83 @@ const done = arguments[arguments.length - 1];
         title: document.title});
 })();
 """
+
+
+# What a reader sees of the layout and the reading order, as a JSON string (a plain object
+# with DOM-derived strings has failed to deserialize in chromedriver).
+JS_LAYOUT = r"""
+const done = arguments[arguments.length - 1];
+(async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    try { await MathJax.startup.promise; } catch (e) {}
+  }
+  const shown = el => (el.checkVisibility ? el.checkVisibility() : el.offsetParent !== null);
+  const article = document.querySelector('.bd-article') || document.body;
+  const what = el => el.matches('table') || el.querySelector('table') ? 'table'
+      : el.matches('mjx-container') || el.querySelector('mjx-container') ? 'equation'
+      : el.matches('img, svg, figure') || el.querySelector('img, svg, figure') ? 'figure' : null;
+  const scrolling = [];
+  for (const el of article.querySelectorAll('*')) {
+    if (el.closest('pre, .highlight')) continue;  // code blocks may scroll sideways
+    const cs = getComputedStyle(el);
+    const scrolls = ['auto', 'scroll'].includes(cs.overflowX) && el.scrollWidth > el.clientWidth + 1;
+    const clips = cs.overflowX === 'hidden' && !cs.display.startsWith('inline')
+                  && el.scrollWidth > el.clientWidth + 4;
+    if (!(scrolls || clips) || !shown(el)) continue;
+    const kind = what(el);
+    if (kind) scrolling.push(`${kind} in a ${el.scrollWidth}-px box ${el.clientWidth} px wide` +
+        ` (${scrolls ? 'scrolls' : 'clipped'}): ${el.innerText.replace(/\s+/g, ' ').slice(0, 60)}`);
+  }
+  const cells = [...article.querySelectorAll('div.cell')];
+  const inputs = cells.map(c => c.querySelector('.cell_input')).filter(i => i && shown(i));
+  const box = article.querySelector('.admonition.verdicts');
+  const first = inputs[0];
+  done(JSON.stringify({
+    width: document.documentElement.clientWidth,
+    pageWidth: document.documentElement.scrollWidth,
+    scrolling,
+    verdicts: box ? {
+      badges: box.querySelectorAll('.sd-badge').length,
+      items: box.querySelectorAll('li').length,
+      links: [...box.querySelectorAll('li a[href]')].filter(a => /#claim-/.test(a.href)).length,
+      beforeFirstCode: !first ||
+          !!(box.compareDocumentPosition(first) & Node.DOCUMENT_POSITION_FOLLOWING)} : null,
+    codeCells: inputs.length,
+    glueCells: inputs.filter(i => /\bglue\(/.test(i.innerText))
+                     .map(i => i.innerText.trim().split('\n')[0].slice(0, 80)),
+  }));
+})();
+"""
+
+
+def chapter_pages() -> set[str]:
+    """The chapter pages of the book, from the registry (tools/chapters.py)."""
+    spec = importlib.util.spec_from_file_location("chapters", Path(__file__).with_name(
+        "chapters.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {f"book/chapters/{c}.html" for c in mod.chapters()}
+
+
+def layout_problems(layout: dict, chapter: bool) -> list[str]:
+    """What a reader would trip over: sideways scrolling, and on a chapter page verdicts that
+    come late (or not at all) and visible glue plumbing."""
+    problems = [f"sideways scrolling: {s}" for s in layout["scrolling"]]
+    if layout["pageWidth"] > layout["width"] + 1:
+        problems.append(f"the page is {layout['pageWidth']} px wide on a "
+                        f"{layout['width']}-px screen")
+    if chapter:
+        v = layout["verdicts"]
+        if v is None:
+            problems.append("no verdict box (.admonition.verdicts)")
+        else:
+            if not v["beforeFirstCode"]:
+                problems.append("the verdict box comes after the first code cell")
+            if not v["items"] or v["badges"] < v["items"] or v["links"] < v["items"]:
+                problems.append(f"verdict box: {v['items']} claims, {v['badges']} badges, "
+                                f"{v['links']} links to the scorecard")
+        problems += [f"a visible code cell glues values: {g!r}" for g in layout["glueCells"]]
+    return problems
 
 
 class _Ids(HTMLParser):
@@ -119,15 +207,20 @@ def make_driver(profile: Path):
     return driver
 
 
-def screenshot(driver, path: Path, height: int) -> None:
-    h = max(600, min(int(height), MAX_SHOT_HEIGHT))
+def set_screen(driver, width: int, height: int) -> None:
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": 1280, "height": h, "deviceScaleFactor": 1, "mobile": False})
+                           {"width": width, "height": height, "deviceScaleFactor": 1,
+                            "mobile": width < 600})
+
+
+def screenshot(driver, path: Path, width: int, height: int) -> None:
+    """A full-page screenshot (up to MAX_SHOT_HEIGHT) at ``width``; the screen is restored."""
+    set_screen(driver, width, max(600, min(int(height), MAX_SHOT_HEIGHT)))
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png",
                                                               "captureBeyondViewport": False})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
-    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    set_screen(driver, width, SCREENS[width])
 
 
 def check_link(href: str, page_url: str, base: str, site: Path) -> str | None:
@@ -149,71 +242,91 @@ def check_link(href: str, page_url: str, base: str, site: Path) -> str | None:
     return None
 
 
+def check_page(driver, site: Path, base: str, rel: str, width: int, shots: Path,
+               chapter: bool) -> dict:
+    """Load one page at one screen width, check it, screenshot it; returns its report entry."""
+    url = urljoin(base, rel)
+    driver.get_log("performance")  # drop what earlier pages logged
+    driver.get_log("browser")
+    t0 = time.time()
+    driver.get(url)
+    state = driver.execute_async_script(JS_PAGE_STATE)
+    layout = json.loads(driver.execute_async_script(JS_LAYOUT))
+    problems = []
+    if driver.current_url.rstrip("/") != url.rstrip("/") and rel != "index.html":
+        problems.append(f"navigated away to {driver.current_url}")
+    for img in state["imgs"]:
+        if not img["ok"]:
+            problems.append(f"image did not load: {img['src']}")
+    links = sorted(set(state["links"]))
+    for href in links:
+        bad = check_link(href, url, base, site)
+        if bad:
+            problems.append(f"broken link {bad}")
+    if state["mathjax"].startswith("error"):
+        problems.append(f"MathJax failed: {state['mathjax']}")
+    if state["mathUnrendered"]:
+        problems.append(f"{len(state['mathUnrendered'])} math element(s) not rendered, "
+                        f"e.g. {state['mathUnrendered'][0]!r}")
+    raw = RAW_MATH.findall(state["text"])
+    if raw:
+        problems.append(f"raw TeX left in the text: {raw[:3]}")
+    requests = set()
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg.get("method") == "Network.requestWillBeSent":
+            requests.add(msg["params"]["request"]["url"])
+    remote = sorted(u for u in requests if not (u.startswith(base) or
+                    u.startswith(("data:", "blob:", "about:", "chrome"))))
+    if remote:
+        problems.append(f"requests left the machine: {remote}")
+    errors = [e["message"] for e in driver.get_log("browser")
+              if e["level"] == "SEVERE" and not any(b in e["message"] for b in BENIGN)]
+    if errors:
+        problems.append(f"console errors: {errors[:3]}")
+    problems += layout_problems(layout, chapter)
+    shot = shots / f"{width}px" / (rel[:-len(".html")] + ".png")
+    screenshot(driver, shot, width, state["height"])
+    return {"page": rel, "width": width, "title": state["title"],
+            "images": len(state["imgs"]), "links": len(links), "math": state["nMath"],
+            "mathjax_outputs": state["nMjx"], "requests": len(requests),
+            "sideways_scrolling": len(layout["scrolling"]), "code_cells": layout["codeCells"],
+            "verdicts": layout["verdicts"], "seconds": round(time.time() - t0, 2),
+            "screenshot": str(shot), "problems": problems}
+
+
 def run(site: Path, shots: Path, pages: list[Path] | None = None) -> dict:
+    """Check ``pages`` (default: every page of the site, which must include every chapter)."""
     site = site.resolve()
+    every_page = pages is None
     pages = pages or sorted(p for p in site.rglob("*.html")
                             if p.relative_to(site).parts[0] not in ("_static", "_sources"))
+    chapters = chapter_pages()
     httpd, base = serve(site)
     profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
     shutil.rmtree(shots, ignore_errors=True)
     report = {"pages": [], "problems": []}
     driver = make_driver(profile)
     try:
-        for page in pages:
-            rel = page.relative_to(site).as_posix()
-            url = urljoin(base, rel)
-            driver.get_log("performance")  # drop what earlier pages logged
-            driver.get_log("browser")
-            t0 = time.time()
-            driver.get(url)
-            state = driver.execute_async_script(JS_PAGE_STATE)
-            problems = []
-            if driver.current_url.rstrip("/") != url.rstrip("/") and rel != "index.html":
-                problems.append(f"navigated away to {driver.current_url}")
-            for img in state["imgs"]:
-                if not img["ok"]:
-                    problems.append(f"image did not load: {img['src']}")
-            links = sorted(set(state["links"]))
-            for href in links:
-                bad = check_link(href, url, base, site)
-                if bad:
-                    problems.append(f"broken link {bad}")
-            if state["mathjax"].startswith("error"):
-                problems.append(f"MathJax failed: {state['mathjax']}")
-            if state["mathUnrendered"]:
-                problems.append(f"{len(state['mathUnrendered'])} math element(s) not rendered, "
-                                f"e.g. {state['mathUnrendered'][0]!r}")
-            raw = RAW_MATH.findall(state["text"])
-            if raw:
-                problems.append(f"raw TeX left in the text: {raw[:3]}")
-            requests = set()
-            for entry in driver.get_log("performance"):
-                msg = json.loads(entry["message"])["message"]
-                if msg.get("method") == "Network.requestWillBeSent":
-                    requests.add(msg["params"]["request"]["url"])
-            remote = sorted(u for u in requests if not (u.startswith(base) or
-                            u.startswith(("data:", "blob:", "about:", "chrome"))))
-            if remote:
-                problems.append(f"requests left the machine: {remote}")
-            errors = [e["message"] for e in driver.get_log("browser")
-                      if e["level"] == "SEVERE" and not any(b in e["message"] for b in BENIGN)]
-            if errors:
-                problems.append(f"console errors: {errors[:3]}")
-            shot = shots / (rel[:-len(".html")] + ".png")
-            screenshot(driver, shot, state["height"])
-            report["pages"].append({
-                "page": rel, "title": state["title"], "images": len(state["imgs"]),
-                "links": len(links), "math": state["nMath"], "mathjax_outputs": state["nMjx"],
-                "requests": len(requests), "seconds": round(time.time() - t0, 2),
-                "screenshot": str(shot), "problems": problems})
-            report["problems"] += [f"{rel}: {p}" for p in problems]
-            print(f"  {rel}: {len(state['imgs'])} images, {len(links)} links, "
-                  f"{state['nMath']} math ({state['nMjx']} rendered), {len(requests)} requests"
-                  + (f" -- {len(problems)} PROBLEM(S)" if problems else " -- ok"))
+        for width, height in SCREENS.items():
+            set_screen(driver, width, height)
+            for page in pages:
+                rel = page.relative_to(site).as_posix()
+                entry = check_page(driver, site, base, rel, width, shots, rel in chapters)
+                report["pages"].append(entry)
+                report["problems"] += [f"{rel} @{width}px: {p}" for p in entry["problems"]]
+                print(f"  {rel} @{width}px: {entry['images']} images, {entry['links']} links, "
+                      f"{entry['math']} math ({entry['mathjax_outputs']} rendered), "
+                      f"{entry['requests']} requests, {entry['sideways_scrolling']} sideways"
+                      + (f" -- {len(entry['problems'])} PROBLEM(S)" if entry["problems"]
+                         else " -- ok"))
     finally:
         driver.quit()
         httpd.shutdown()
         shutil.rmtree(profile, ignore_errors=True)
+    if every_page:
+        report["problems"] += [f"{c}: chapter page missing from the build" for c in
+                               sorted(chapters - {e["page"] for e in report["pages"]})]
     shots.mkdir(parents=True, exist_ok=True)
     (shots / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -236,7 +349,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     report = run(site, Path(args.screenshots))
     pages = report["pages"]
-    print(f"browser_test: {len(pages)} pages, {sum(p['images'] for p in pages)} images, "
+    print(f"browser_test: {len({p['page'] for p in pages})} pages at "
+          f"{', '.join(f'{w} px' for w in SCREENS)}, {sum(p['images'] for p in pages)} images, "
           f"{sum(p['links'] for p in pages)} links, {sum(p['math'] for p in pages)} math "
           f"elements checked in {time.time() - t0:.0f}s; screenshots in {args.screenshots}")
     if report["problems"]:
