@@ -106,7 +106,8 @@ def markdown(root: Path | None = None) -> str:
         "come from, and a verdict. This page is generated from the published results "
         "(`book/published/`) by `python -m repro.scorecard` at build time; no number on it is "
         "typed by hand. A claim stays *not yet run* until its chapter provides an evaluator "
-        "and a published (`laptop`, `gpu` or `paper`) run; `smoke` runs are never judged.", "",
+        "and a published (`laptop`, `overnight`, `gpu` or `paper`) run; `smoke` runs are "
+        "never judged.", "",
         f"**{len(table)} claims:** " + ", ".join(
             f"{badge(v)} {counts.get(v, 0)}" for v in claims.VERDICTS), "",
         "| paper | verdicts | published run |", "|---|---|---|",
