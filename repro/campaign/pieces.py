@@ -133,6 +133,12 @@ OVERNIGHT_PIECES: list[Piece] = [
                           ("bat-a1", "BAT alpha 1, the published atypical split"),
                           ("bat-a2", "BAT alpha 2"),
                           ("typical+0", "PGD-AT on the typical examples only (finding (b))"))],
+    # HE's pilot (20 epochs, seed 0; the preset took 30 after it): trained in the campaign's
+    # first session, its evaluation left for last, for the chapter's accuracy-per-hour frontier
+    Piece("he-o-pilot-e20", "he", "HE pilot: PGD-AT, 20 epochs, seed 0 (the frontier's first "
+          "point; its training is done, its evaluation resumes)",
+          overrides={**_HE_RUN, "epochs": 20}, only=("pgd_at",), datasets=("cifar10",),
+          preset="overnight"),
 ]
 BY_ID = {p.id: p for p in PIECES + OVERNIGHT_PIECES}
 
