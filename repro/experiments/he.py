@@ -505,10 +505,11 @@ def hours_curve(result: dict):
     """What each CPU-hour buys: per run and epoch, validation clean / PGD accuracy (%) against
     training hours, then the test-set numbers after the evaluation (a DataFrame).
 
-    ``hours``: epochs times the run's median epoch time. The measured per-epoch wall times are
+    ``hours``: epochs times the run's fastest epoch. The measured per-epoch wall times are
     kept (``epoch_s``), but an epoch that ran beside other work or while the process was
-    paused (a campaign pauses its piece for CI) is slower than the machine is: the median is
-    what one idle machine gives. The evaluation's hours come on top (the campaign's ledger
+    paused (a campaign pauses its piece for CI) is slower than the machine is; contention only
+    adds time, so the fastest epoch is what one idle machine gives (the HE pilot: 181 s, with
+    half of its 20 epochs at 220-930 s beside tests and one at 4,567 s paused). The evaluation's hours come on top (the campaign's ledger
     has each piece's measured total)."""
     import pandas as pd
     rows = []
@@ -517,7 +518,7 @@ def hours_curve(result: dict):
         hist = [h for h in tr.get("history", []) if "val_clean" in h]
         if not hist:
             continue
-        per_epoch = float(np.median([h["seconds"] for h in hist]))
+        per_epoch = float(min(h["seconds"] for h in hist))
         for h in hist:
             rows.append({"run": label(name), "epoch": h["epoch"],
                          "hours": h["epoch"] * per_epoch / 3600, "epoch_s": h["seconds"],
