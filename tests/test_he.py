@@ -329,3 +329,21 @@ def test_eps_curve_reuses_the_attack_at_its_eps_and_geometry_is_capped(cifar10, 
     assert curve[2] == cw and curve[0] == metrics["accuracy"]["clean"]
     assert curve[0] >= curve[1] >= curve[2]
     assert all(len(arrays[k]) == 16 for k in ("norm_clean", "angle_clean", "norm_adv"))
+
+
+def test_hours_curve_uses_the_fastest_epoch_and_ends_at_the_test_point():
+    """Contention and pauses only slow an epoch: hours are epochs x the fastest epoch, the
+    measured times are kept, and each run ends with its test-set point (common.hours_curve,
+    used by HE and AdvProp)."""
+    from repro.experiments import common
+    hist = [{"epoch": 1, "seconds": 300.0, "val_clean": 0.3, "val_robust": 0.2},
+            {"epoch": 2, "seconds": 100.0, "val_clean": 0.5, "val_robust": 0.3},
+            {"epoch": 3, "seconds": 4000.0, "val_clean": 0.6, "val_robust": 0.35}]
+    runs = {"a": {"metrics": {"training": {"history": hist}, "clean": 0.61, "pgd": 0.33}},
+            "untrained": {"metrics": {}}}
+    df = common.hours_curve(runs, str.upper, lambda m: (m["clean"], m["pgd"], "test (9)"))
+    assert list(df["run"].unique()) == ["A"]
+    assert list(df["hours"]) == [100 / 3600, 200 / 3600, 300 / 3600, 300 / 3600]
+    assert list(df["epoch_s"][:3]) == [300.0, 100.0, 4000.0]
+    last = df.iloc[-1]
+    assert (last["split"], last["clean"], last["robust"]) == ("test (9)", 61.0, 33.0)

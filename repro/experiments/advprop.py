@@ -369,6 +369,23 @@ def summarize(result: dict) -> dict:
     return s
 
 
+def run_label(name: str) -> str:
+    """A run name of ``plan`` ("advprop_w32_e1_s0") as a reader's label."""
+    method = next(m for m in sorted(METHODS, key=len, reverse=True) if name.startswith(m))
+    rest = name[len(method) + 1:].split("_")
+    parts = [LABELS[method], *[("width " + p[1:]) if p[0] == "w" else ("ε " + p[1:] + "/255")
+                               if p[0] == "e" else ("seed " + p[1:]) for p in rest]]
+    return parts[0] + " (" + ", ".join(parts[1:]) + ")"
+
+
+def hours_curve(result: dict):
+    """What each CPU-hour buys (``common.hours_curve``; the pilot that picks the overnight
+    recipe): validation clean and PGD accuracy (%) of every run per epoch against training
+    hours, then its clean and PGD accuracy on the test set."""
+    return common.hours_curve(result["runs"], run_label,
+                              lambda m: (m["clean"], m["pgd"], f"test ({m['n_test']})"))
+
+
 def table(result: dict):
     """Main comparison (largest width): accuracy % as mean over seeds (± std where > 1 seed)."""
     import pandas as pd

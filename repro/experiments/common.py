@@ -83,6 +83,40 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
                           device=device)
 
 
+def hours_curve(runs: dict, label: Callable[[str], str],
+                test_point: Callable[[dict], tuple[float, float, str]]):
+    """What each CPU-hour buys, for any chapter: per run and epoch, validation clean / robust
+    accuracy (%) against training hours, then the run's test-set point (a DataFrame with
+    columns run, epoch, hours, epoch_s, clean, robust, split).
+
+    ``runs``: name -> run record (``metrics`` with the trainer's ``training.history``);
+    ``test_point(metrics) -> (clean, robust, split label)``. ``hours``: epochs times the
+    run's fastest epoch. The measured per-epoch wall times are kept (``epoch_s``), but an
+    epoch that ran beside other work or while its process was paused (a campaign pauses its
+    piece for CI) is slower than the machine is; contention only adds time, so the fastest
+    epoch is what one idle machine gives (the HE pilot: 181 s, with half of its 20 epochs at
+    220-930 s beside tests and one at 4,567 s paused)."""
+    import pandas as pd
+    rows = []
+    for name, r in runs.items():
+        hist = [h for h in r["metrics"].get("training", {}).get("history", [])
+                if "val_clean" in h]
+        if not hist:
+            continue
+        per_epoch = float(min(h["seconds"] for h in hist))
+        for h in hist:
+            rows.append({"run": label(name), "epoch": h["epoch"],
+                         "hours": h["epoch"] * per_epoch / 3600, "epoch_s": h["seconds"],
+                         "clean": 100 * h["val_clean"],
+                         "robust": 100 * h.get("val_robust", float("nan")),
+                         "split": "validation"})
+        clean, robust, split = test_point(r["metrics"])
+        rows.append({"run": label(name), "epoch": hist[-1]["epoch"],
+                     "hours": len(hist) * per_epoch / 3600, "epoch_s": per_epoch,
+                     "clean": 100 * clean, "robust": 100 * robust, "split": split})
+    return pd.DataFrame(rows)
+
+
 class EvalStages:
     """Finished stages of a run's evaluation, kept in ``<run folder>/eval/<stage>.npz`` (arrays
     and the stage's metrics as JSON): ``stages.get("aa", fn)`` returns the stored

@@ -502,35 +502,12 @@ ALP_PENDING = "rerun pending: trained with the pre-fix pairing term"
 
 
 def hours_curve(result: dict):
-    """What each CPU-hour buys: per run and epoch, validation clean / PGD accuracy (%) against
-    training hours, then the test-set numbers after the evaluation (a DataFrame).
-
-    ``hours``: epochs times the run's fastest epoch. The measured per-epoch wall times are
-    kept (``epoch_s``), but an epoch that ran beside other work or while the process was
-    paused (a campaign pauses its piece for CI) is slower than the machine is; contention only
-    adds time, so the fastest epoch is what one idle machine gives (the HE pilot: 181 s, with
-    half of its 20 epochs at 220-930 s beside tests and one at 4,567 s paused). The evaluation's hours come on top (the campaign's ledger
-    has each piece's measured total)."""
-    import pandas as pd
-    rows = []
-    for name, r in result["runs"].items():
-        tr = r["metrics"].get("training", {})
-        hist = [h for h in tr.get("history", []) if "val_clean" in h]
-        if not hist:
-            continue
-        per_epoch = float(min(h["seconds"] for h in hist))
-        for h in hist:
-            rows.append({"run": label(name), "epoch": h["epoch"],
-                         "hours": h["epoch"] * per_epoch / 3600, "epoch_s": h["seconds"],
-                         "clean": 100 * h["val_clean"], "pgd": 100 * h["val_robust"],
-                         "split": "validation"})
-        m = r["metrics"]
+    """What each CPU-hour buys (``common.hours_curve``): validation clean / PGD accuracy (%)
+    per epoch against training hours, then the test set's clean and PGD (CE) accuracy."""
+    def test_point(m):
         s = summary_row(m)
-        rows.append({"run": label(name), "epoch": hist[-1]["epoch"],
-                     "hours": len(hist) * per_epoch / 3600, "epoch_s": per_epoch,
-                     "clean": 100 * s["clean"], "pgd": 100 * s["pgd"],
-                     "split": f"test ({m['accuracy'].get('n_test', m.get('n_test', ''))})"})
-    return pd.DataFrame(rows)
+        return s["clean"], s["pgd"], f"test ({m['accuracy'].get('n_test', m.get('n_test', ''))})"
+    return common.hours_curve(result["runs"], label, test_point)
 
 
 def run_valid(result: dict, name: str) -> tuple[bool, str]:
