@@ -287,7 +287,7 @@ def publish(chapter: str, preset: str, overrides: dict | None = None, *,
                                f"(> {MAX_BYTES / 1e6:.0f} MB): store fewer or smaller arrays")
         record = {
             "chapter": chapter, "preset": preset, "overrides": overrides,
-            "config": config, "seed": config.get("seed", config.get("seeds")),  # advprop takes a list of seeds
+            "config": config, "seed": run_seeds(config),
             "devices": sorted({r["device"] for r in runs.values() if r["device"]}),
             "commits": sorted({str(r["commit"]) for r in runs.values()}),
             "library_commit_at_publish": results.git_commit(),
@@ -324,6 +324,15 @@ def _upstream_wall_time(run_folder: Path) -> float | None:
         return None
     return json.loads(f.read_text()).get("upstream_wall_time_s")
 
+
+
+def run_seeds(config: dict):
+    """The seed(s) a publication's runs were trained at: AdvProp's list of ``seeds``; a
+    chapter's ``seed`` plus its ``extra_seeds`` (HE at overnight: [0, 1]); else one int."""
+    if "seeds" in config:
+        return list(config["seeds"])
+    extra = [s for s in config.get("extra_seeds") or [] if s != config.get("seed")]
+    return [config.get("seed"), *extra] if extra else config.get("seed")
 
 def record(chapter: str, root: Path | None = None) -> dict | None:
     f = published_dir(chapter, root) / RECORD

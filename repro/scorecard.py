@@ -63,9 +63,17 @@ def short_device(d: str) -> str:
     return d.split(":")[0] if d else "?"
 
 
+def seed_words(seed) -> str:
+    """A publication record's ``seed`` in words: "seed 0", or "seeds 0, 1" for a list."""
+    if isinstance(seed, (list, tuple)):
+        return (f"seed {seed[0]}" if len(seed) == 1
+                else "seeds " + ", ".join(str(s) for s in seed))
+    return f"seed {seed}"
+
+
 def _run_words(run: dict) -> str:
     return (f"`{run['preset']}`, {'/'.join(short_device(d) for d in run['devices'])}, "
-            f"seed {run['seed']}")
+            f"{seed_words(run['seed'])}")
 
 
 def card(r: dict) -> list[str]:
@@ -146,8 +154,8 @@ def markdown(root: Path | None = None) -> str:
         else:
             devices = ", ".join(rec["devices"])
             lines.append(
-                f"Published run of {link}: preset `{rec['preset']}`, device {devices}, seed "
-                f"{rec['seed']}, computed {str(rec['computed'])[:10]}, "
+                f"Published run of {link}: preset `{rec['preset']}`, device {devices}, "
+                f"{seed_words(rec['seed'])}, computed {str(rec['computed'])[:10]}, "
                 f"{rec['compute_wall_time_s'] / 60:.1f} min of compute.")
         lines.append("")
         for r in prows:

@@ -30,7 +30,8 @@ def scale_sentence(rows: list[dict], rec: dict | None) -> str:
         return ("No run of this chapter is published yet: the page shows a `smoke` execution, "
                 "which proves the code runs and is never judged.")
     devices = "/".join(sorted({scorecard.short_device(d) for d in rec["devices"]}))
-    run = (f"the published `{rec['preset']}` run ({devices}, seed {rec['seed']}, "
+    run = (f"the published `{rec['preset']}` run ({devices}, "
+           f"{scorecard.seed_words(rec['seed'])}, "
            f"{rec['compute_wall_time_s'] / 60:.0f} min of compute)")
     below = sum(r["floor_met"] is False for r in rows)
     if below == len(rows):

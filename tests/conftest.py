@@ -20,6 +20,11 @@ def data_root():
     return root
 
 
+def _has(path, array: str) -> bool:
+    with np.load(path) as f:   # closed before prepare_offline may rewrite the file
+        return array in f.files
+
+
 def _dataset(name):
     # only the dataset asked for: a GPU window stages just the ones its pieces need, and
     # tests/test_cuda.py runs there with MNIST and CIFAR-10 alone
@@ -27,7 +32,7 @@ def _dataset(name):
     path = root / f"{name}.npz"
     # a CIFAR-10 copy written before official_index_train existed is rewritten (prepare.py
     # does that for a file that lacks an array of the offline copy)
-    if not path.exists() or (name == "cifar10" and "official_index_train" not in np.load(path).files):
+    if not path.exists() or (name == "cifar10" and not _has(path, "official_index_train")):
         data.prepare_offline(root, [name])
     return data.load(name, root)
 

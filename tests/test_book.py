@@ -182,6 +182,19 @@ def test_verdict_box_comes_from_the_scorecard_rows_and_replaces_the_marker(tmp_p
     assert nb["cells"][1]["source"] == box and nb["cells"][2]["id"] == "b"
 
 
+def test_the_run_sentence_names_every_seed_the_verdicts_pair_over():
+    """HE's overnight runs are trained at seed 0 and at its extra seed 1, and the gain claims
+    pair over both: the box and the scorecard name both, not the config's first seed."""
+    assert publish.run_seeds({"seed": 0, "extra_seeds": [1]}) == [0, 1]
+    assert publish.run_seeds({"seed": 0, "extra_seeds": []}) == 0
+    assert publish.run_seeds({"seed": 1, "extra_seeds": [1]}) == 1
+    assert publish.run_seeds({"seeds": [0, 1, 2]}) == [0, 1, 2]   # AdvProp's list
+    rec = {"preset": "overnight", "devices": ["cpu: AMD EPYC"], "seed": [0, 1],
+           "compute_wall_time_s": 600}
+    assert "(cpu, seeds 0, 1, 10 min of compute)" in verdicts.scale_sentence([], rec)
+    assert scorecard.seed_words(3) == "seed 3" and scorecard.seed_words([2]) == "seed 2"
+
+
 def test_sync_from_source_applies_tags_and_only_prose_the_outputs_back():
     executed = {"cells": [
         _md("old intro", "m0"),

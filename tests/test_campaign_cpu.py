@@ -45,22 +45,48 @@ def test_overnight_pieces_cover_every_chapter_and_resolve():
 
 def test_estimate_is_counted_passes_times_measured_rates(monkeypatch):
     r = _fake_rates(rate_train=1e-3, rate_eval=5e-4)
-    p = pieces.BY_ID["he-o-pgd_at-s0"]
+    p = pieces.BY_ID["he-o-pgd_at-s0-train"]
     jobs = estimate.piece_jobs(p)
     train = sum(j.passes for j in jobs if not j.what.endswith("eval"))
-    ev = sum(j.passes for j in jobs if j.what.endswith("eval"))
     models = sum(j.models for j in jobs)
-    want = cpu.PIECE_OVERHEAD_S + 1e-3 * train + 5e-4 * ev + models * cpu.RUN_OVERHEAD_S
+    want = cpu.PIECE_OVERHEAD_S + 1e-3 * train + models * cpu.RUN_OVERHEAD_S
     assert cpu.piece_seconds(p, r["rates"]) == pytest.approx(want)
-    # PGD-2 training of 20 epochs on 49,000 images: 7 passes per image (2 x 2 attack + 3)
+    # PGD-2 training of 30 epochs on 49,000 images: 7 passes per image (2 x 2 attack + 3)
     cfg = pieces.piece_config(p)
     assert train >= cfg["epochs"] * 49000 * (2 * cfg["train_steps"] + 3)
     monkeypatch.setattr(cpu, "rates", lambda *a, **k: r)
     monkeypatch.setattr(cpu, "compile_check", lambda **k: {})
     rows, _ = cpu.plan_rows("overnight", ledger={})
     text = cpu.format_plan(rows, r)
-    assert "he-o-pgd_at-s0" in text and "per chapter" in text and "test CPU" in text
+    assert "he-o-pgd_at-s0-train" in text and "per chapter" in text and "test CPU" in text
     assert {row["chapter"] for row in rows} == set(experiments.CHAPTERS)
+
+
+def test_a_model_split_in_two_pieces_is_its_training_then_its_evaluation():
+    """A model whose training and evaluation pass 2 hours is a `train` piece and an
+    `evaluate` piece after it: together exactly the model's jobs, each half only its own."""
+    train, ev = pieces.BY_ID["he-o-pgd_at-s0-train"], pieces.BY_ID["he-o-pgd_at-s0-eval"]
+    assert train.id in ev.needs and (train.only, train.overrides) == (ev.only, ev.overrides)
+    tj, ej = estimate.piece_jobs(train), estimate.piece_jobs(ev)
+    assert tj and all(not j.what.endswith("eval") and j.models == 1 for j in tj)
+    assert ej and all(j.what.endswith("eval") and j.models == 0 for j in ej)
+    whole = estimate.WORKLOADS["he"](pieces.piece_config(train), train)
+    assert sorted(j.what for j in tj + ej) == sorted(j.what for j in whole)
+    # the claims are decided by the evaluation, after every run it pairs with
+    last = pieces.BY_ID["he-o-pgd_at_he-s1-eval"]
+    assert set(last.claims) == {"he.pgd-gain", "he.aa-gain"}
+    assert {"he-o-pgd_at_he-s1-train", "he-o-pgd_at-s0-eval", "he-o-pgd_at_he-s0-eval",
+            "he-o-pgd_at-s1-eval"} <= set(last.needs)
+    # an evaluation piece trains nothing, so it never compiles
+    r = _fake_rates()
+    assert not cpu.piece_compiles(ev, {"speedup": 2.0, "compile_warmup_s": 1.0}, r["rates"])[0]
+    assert cpu.piece_compiles(train, {"speedup": 2.0, "compile_warmup_s": 1.0}, r["rates"])[0]
+
+
+def test_a_resumed_piece_is_estimated_from_what_it_ran_before():
+    assert cpu.time_left(3600, 0) == 3600
+    assert cpu.time_left(3600, 3000) == 600
+    assert cpu.time_left(3600, 4000) == 360   # ran longer than estimated: at least a tenth
 
 
 def test_rates_are_measured_once_per_cpu_kind(tmp_path, monkeypatch):
@@ -71,7 +97,7 @@ def test_rates_are_measured_once_per_cpu_kind(tmp_path, monkeypatch):
         calls.append(sorted({j.arch.label() for j in jobs}))
         return {j.arch.label(): {"batch": 1, "train": 1.0, "eval": 2.0} for j in jobs}
     monkeypatch.setattr(cpu, "measure_rates", fake_measure)
-    ps = [pieces.BY_ID["he-o-pgd_at-s0"]]
+    ps = [pieces.BY_ID["he-o-pgd_at-s0-train"]]
     a = cpu.rates(ps, log=lambda *_: None)
     b = cpu.rates(ps, log=lambda *_: None)
     assert a["rates"] == b["rates"] and len(calls) == 1
@@ -83,46 +109,56 @@ def test_rates_are_measured_once_per_cpu_kind(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_runner_computes_places_records_and_never_reruns(tmp_path, monkeypatch, data_root):
-    """One real piece at toy size (HE's first overnight piece under the dry run's smoke
-    overrides): stopped at a 1-second budget it is interrupted and leaves no finished run;
-    the next run completes it, places its small files and enters it in the ledger; a third
-    run computes nothing."""
+    """One real model at toy size (HE's first overnight model, its training piece then its
+    evaluation piece, under the dry run's smoke overrides): stopped at a 1-second budget
+    the training is interrupted and leaves no finished run; the next run trains it (and
+    stops there: weights kept, nothing evaluated), then evaluates it, places its small files
+    and enters both pieces in the ledger; a third run computes nothing."""
     monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("REPRO_DATA", str(data_root))
     pub = tmp_path / "published"
-    piece = "he-o-pgd_at-s0"
-    kw = dict(pieces=[piece], dry_run=True, published_root=pub, measured=_fake_rates(),
-              log=lambda *_: None)
+    train, piece = "he-o-pgd_at-s0-train", "he-o-pgd_at-s0-eval"
+    kw = dict(pieces=[train, piece], dry_run=True, published_root=pub,
+              measured=_fake_rates(), log=lambda *_: None)
 
     first = cpu.campaign_run("overnight", budget_s=1, **kw)
-    assert first["pieces"][piece]["status"] == "interrupted"
+    assert first["pieces"][train]["status"] == "interrupted"
+    assert piece not in first["pieces"]
     assert not list((tmp_path / "results").rglob("DONE"))
     assert not (pub / "campaign-ledger.json").exists()
+
+    # the training piece alone: trained weights, no evaluation, nothing placed
+    alone = cpu.campaign_run("overnight", **{**kw, "pieces": [train]})
+    folder = next(iter(alone["pieces"][train]["runs"].values())).rsplit("/", 1)[-1]
+    run_dir = tmp_path / "results" / "he" / folder
+    assert (run_dir / "train" / "result.json").exists() and not (run_dir / "DONE").exists()
+    assert not (pub / "he").exists()
 
     second = cpu.campaign_run("overnight", **kw)
     entry = second["pieces"][piece]
     assert entry["status"] == "done", entry
     assert entry["measured_s"] > 0 and set(entry["runs"]) == {"pgd_at"}
-    folder = next(iter(entry["runs"].values())).rsplit("/", 1)[-1]
+    assert entry["runs"]["pgd_at"].rsplit("/", 1)[-1] == folder, "the trained run, evaluated"
     placed = pub / "he" / "results" / folder
     assert (placed / "DONE").exists() and (placed / "metrics.json").exists()
     assert not list(placed.rglob("*.pt")), "checkpoints never leave the cache"
     ledger = json.loads((pub / "campaign-ledger.json").read_text())
-    assert ledger[piece]["folders"] == [folder]
+    assert ledger[piece]["folders"] == [folder] == ledger[train]["folders"]
     assert ledger[piece]["spec_hash"] == pieces.spec_hash(pieces.BY_ID[piece], dry_run=True)
 
-    log_before = (cpu.state_dir("overnight") / f"{piece}.log").read_text()
+    logs = {p: (cpu.state_dir("overnight") / f"{p}.log").read_text() for p in (train, piece)}
     third = cpu.campaign_run("overnight", **kw)
     assert third["pieces"][piece]["status"] == "done"
-    assert (cpu.state_dir("overnight") / f"{piece}.log").read_text() == log_before, \
-        "a finished piece is never run again"
+    for p in (train, piece):
+        assert (cpu.state_dir("overnight") / f"{p}.log").read_text() == logs[p], \
+            "a finished piece is never run again"
     assert "done" in cpu.format_status("overnight").split(piece)[1].splitlines()[0]
 
 
 def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):
     monkeypatch.delenv("REPRO_COMPILE", raising=False)
     r = _fake_rates(rate_train=1e-3, rate_eval=5e-4)
-    p = pieces.BY_ID["he-o-pgd_at-s0"]
+    p = pieces.BY_ID["he-o-pgd_at-s0-train"]
     eager = cpu.piece_seconds(p, r["rates"])
     fast = {"speedup": 1.29, "compile_warmup_s": 44.0}   # measured here (module docstring)
     assert cpu.use_compile(fast, eager)[0]
@@ -131,7 +167,7 @@ def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):
     assert not cpu.use_compile({"error": "no compiler", "speedup": 0.0}, eager)[0]
     jobs = estimate.piece_jobs(p)
     train = sum(j.passes for j in jobs if not j.what.endswith("eval")) * 1e-3
-    want = eager - train + train / 1.29 + 44.0
+    want = eager - train + train / 1.29 + 44.0   # (the piece is all training)
     assert cpu.piece_seconds(p, r["rates"], fast) == pytest.approx(want)
     monkeypatch.setenv("REPRO_COMPILE", "0")   # the runner's environment decides
     assert cpu.use_compile(fast, eager) == (False, "REPRO_COMPILE=0 set for the runner")

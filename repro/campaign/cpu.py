@@ -6,7 +6,8 @@ background process that survives being killed, across sessions.
     python -m repro campaign status --device cpu --preset overnight # done / running / left
 
 **Pieces** are ``OVERNIGHT_PIECES`` (``repro.campaign.pieces``): one trained model each where
-the chapter's ``run()`` can select one. **Estimates** are the counted forward-pass
+the chapter's ``run()`` can select one, or that model's training and its evaluation as two
+pieces (``stage`` "train" / "evaluate") where together they pass ``MAX_PIECE_S``. **Estimates** are the counted forward-pass
 equivalents of ``repro.campaign.estimate`` times seconds per pass *measured on this CPU*
 (``time_arch`` of every architecture and batch the pieces use): training jobs at the
 precision the trainer resolves here (bf16 where the CPU has native bf16, else fp32),
@@ -211,6 +212,14 @@ def use_compile(check: dict, piece_s: float) -> tuple[bool, str]:
                 f"{COMPILE_MIN_SPEEDUP}")
 
 
+def piece_compiles(piece: Piece, check: dict, rates_: dict) -> tuple[bool, str]:
+    """``use_compile`` for ``piece``; a piece that trains nothing (an ``evaluate`` piece:
+    evaluation is never compiled) is not compiled."""
+    if not any(j.models for j in piece_jobs(piece)):
+        return False, "nothing to train (evaluation runs eager, in fp32)"
+    return use_compile(check, piece_seconds(piece, rates_))
+
+
 def job_seconds(job: Job, rates_: dict, train_speedup: float = 1.0) -> float:
     """Counted passes x the measured seconds per pass (training passes / ``train_speedup``:
     a compiled piece's measured speed-up; evaluation is never compiled)."""
@@ -223,11 +232,18 @@ def piece_seconds(piece: Piece, rates_: dict, check: dict | None = None) -> floa
     """Estimated seconds of ``piece``; with ``check`` (``compile_check``), compiled where
     ``use_compile`` would compile it, plus the warm-up."""
     eager = PIECE_OVERHEAD_S + sum(job_seconds(j, rates_) for j in piece_jobs(piece))
-    if not check or not use_compile(check, eager)[0]:
+    if not check or not piece_compiles(piece, check, rates_)[0]:
         return eager
     models = sum(j.models for j in piece_jobs(piece))
     return (PIECE_OVERHEAD_S + models * check.get("compile_warmup_s", 0.0)
             + sum(job_seconds(j, rates_, check["speedup"]) for j in piece_jobs(piece)))
+
+
+def time_left(estimate_s: float, before_s: float) -> float:
+    """What a resumed piece has left: its estimate less the time it ran before (training
+    resumes from its last checkpoint), at least a tenth of it (the last epoch or stage is
+    lost, the start-up paid again)."""
+    return max(estimate_s - before_s, 0.1 * estimate_s)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -275,10 +291,9 @@ def plan_rows(preset: str = "overnight", *, remeasure: bool = False, log=print,
     for p in pieces:
         done = is_done(p, ledger)
         entry = (status.get("pieces") or {}).get(p.id, {})
-        eager = piece_seconds(p, r["rates"])
         rows.append({"id": p.id, "chapter": p.chapter, "title": p.title,
                      "seconds": piece_seconds(p, r["rates"], r["compile"]),
-                     "compile": use_compile(r["compile"], eager)[0],
+                     "compile": piece_compiles(p, r["compile"], r["rates"])[0],
                      "jobs": [(j.what, j.arch.label()) for j in piece_jobs(p)],
                      "claims": list(p.claims), "needs": list(p.needs),
                      "state": "done" if done else "running" if p.id == running
@@ -312,7 +327,7 @@ def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
     for label, v in r["rates"].items():
         lines.append(f"    {label:<34} train {v['train'] * 1e3:7.3f} ms/pass, "
                      f"eval {v['eval'] * 1e3:7.3f} ms/pass (batch {v['batch']})")
-    lines += ["", f"{'#':>2} {'piece':<24} {'est h':>6} {'state':<10} claims"]
+    lines += ["", f"{'#':>2} {'piece':<30} {'est h':>6} {'state':<10} claims"]
     per_chapter: dict[str, float] = {}
     for i, row in enumerate(rows, 1):
         h = row["seconds"] / 3600
@@ -320,7 +335,7 @@ def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
         flag = "  > 2 h" if row["seconds"] > MAX_PIECE_S else ""
         meas = (f" (measured {row['measured_s'] / 3600:.2f} h)"
                 if row.get("measured_s") else "")
-        lines.append(f"{i:>2} {row['id']:<24} {h:>6.2f} {row['state']:<10} "
+        lines.append(f"{i:>2} {row['id']:<30} {h:>6.2f} {row['state']:<10} "
                      f"{', '.join(row['claims']) or '-'}{flag}{meas}"
                      + ("  [compiled]" if row.get("compile") else ""))
         lines.append(f"{'':>3} {row['title']}" + (f"; after {', '.join(row['needs'])}"
@@ -425,9 +440,12 @@ class _Runner:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "REPRO_COMPILE": "1" if compile_ else "0"}
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
                                             ).strip(os.pathsep)
-        eta = _dt.datetime.now() + _dt.timedelta(seconds=est)
-        self.log(f"[campaign] {p.id}: starting ({p.title}); estimate {est / 3600:.2f} h, "
-                 f"ETA {eta:%H:%M}; torch.compile {'on' if compile_ else 'off'} ({why}); "
+        before = entry.get("measured_before_s", 0.0)
+        eta = _dt.datetime.now() + _dt.timedelta(seconds=time_left(est, before))
+        self.log(f"[campaign] {p.id}: {'resuming' if before else 'starting'} ({p.title}); "
+                 f"estimate {est / 3600:.2f} h"
+                 + (f", {before / 3600:.2f} h of it run before" if before else "")
+                 + f", ETA {eta:%H:%M}; torch.compile {'on' if compile_ else 'off'} ({why}); "
                  f"progress in {self.dir / (p.id + '.log')}")
         t = time.monotonic()
         with (self.dir / f"{p.id}.log").open("a") as out:
@@ -447,8 +465,8 @@ class _Runner:
                 if time.monotonic() - last >= ETA_EVERY_S:
                     last = time.monotonic()
                     ran = last - t
-                    self.log(f"[campaign] {p.id}: running {ran / 60:.0f} min of an estimated "
-                             f"{est / 60:.0f} ({100 * ran / est:.0f}%)")
+                    self.log(f"[campaign] {p.id}: running {(ran + before) / 60:.0f} min of an "
+                             f"estimated {est / 60:.0f} ({100 * (ran + before) / est:.0f}%)")
             rc = self.child.wait()
             self.child = None
         measured = time.monotonic() - t
@@ -540,7 +558,7 @@ def campaign_run(preset: str = "overnight", *, budget_s: float | None = None,
             if runner.left() <= 0:
                 runner.log("[campaign] budget spent: the remaining pieces wait for the next run")
                 break
-            compiled, why = use_compile(check or {}, piece_seconds(p, r["rates"]))
+            compiled, why = piece_compiles(p, check or {}, r["rates"])
             est = piece_seconds(p, r["rates"], check)
             entry = runner.run_piece(p, est, compiled, why)
             if compiled and entry["status"].startswith("failed") and runner.left() > 0:
@@ -575,8 +593,10 @@ def format_status(preset: str = "overnight") -> str:
         elif alive and status.get("running") == p.id:
             started = _dt.datetime.fromisoformat(e["started"])
             ran = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
-            state = (f"running {ran / 60:.0f} min of ~{e.get('estimate_s', 0) / 60:.0f} "
-                     f"(ETA {(started + _dt.timedelta(seconds=e.get('estimate_s', 0))).astimezone():%H:%M})")
+            est, before = e.get("estimate_s", 0), e.get("measured_before_s", 0)
+            eta = started + _dt.timedelta(seconds=time_left(est, before))
+            state = (f"running {(ran + before) / 60:.0f} min of ~{est / 60:.0f} "
+                     f"(ETA {eta.astimezone():%H:%M})")
         else:
             state = e.get("status", "pending")
             if state == "running":   # its runner died: the next run resumes it
@@ -584,5 +604,9 @@ def format_status(preset: str = "overnight") -> str:
         meas = (f", measured {e['measured_s'] / 3600:.2f} h vs estimated "
                 f"{e['estimate_s'] / 3600:.2f} h" if e.get("measured_s") and
                 e.get("estimate_s") else "")
-        lines.append(f"  {p.id:<24} {state}{meas}")
+        lines.append(f"  {p.id:<30} {state}{meas}")
+    running = status.get("running")
+    if alive and running and running not in {p.id for p in pieces_for(preset)}:
+        lines.append(f"  {running:<30} running: a piece of the plan the runner started with "
+                     "(its runs are cached; the current plan's pieces find them)")
     return "\n".join(lines)

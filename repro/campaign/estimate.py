@@ -261,7 +261,7 @@ def workload_bat(cfg: dict, piece: Piece | None = None) -> list[Job]:
         if proxy:
             jobs.append(Job(arch, cfg["mem_epochs"] * (n * 3 + n) + 2 * (n + nt),
                             cfg["mem_batch_size"], f"proxy {ds}"))
-    if stage in ("all", "run"):
+    if stage in ("all", "run", "train", "evaluate"):
         arch = Arch(cfg["arch"], cfg["width"], cfg["dataset"])
         k, s = cfg["train_steps"], cfg["eval_steps"]
         runs = [("pgd_at", 2 * k + 3, n), ("trades", 2 * k + 7, n)]
@@ -286,7 +286,14 @@ WORKLOADS = {"he": workload_he, "intro": workload_intro, "lmt": workload_lmt,
 
 
 def piece_jobs(piece: Piece, dry_run: bool = False) -> list[Job]:
-    return WORKLOADS[piece.chapter](piece_config(piece, dry_run), piece)
+    """The jobs of ``piece``: a ``train`` piece's training jobs, an ``evaluate`` piece's
+    evaluation jobs (its training is the piece before it), else all."""
+    jobs = WORKLOADS[piece.chapter](piece_config(piece, dry_run), piece)
+    if piece.stage == "train":
+        return [j for j in jobs if not j.what.endswith("eval")]
+    if piece.stage == "evaluate":
+        return [j for j in jobs if j.what.endswith("eval")]
+    return jobs
 
 
 def piece_seconds(piece: Piece, dry_run: bool = False, rates: dict | None = None) -> float:

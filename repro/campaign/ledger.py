@@ -30,17 +30,24 @@ def read_ledger(path: Path | None = None) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def _run_present(chapter: str, folder: str, published_root: Path | None = None) -> bool:
+def _run_present(chapter: str, folder: str, published_root: Path | None = None,
+                 trained_only: bool = False) -> bool:
+    """A finished run folder, published or in the local cache; ``trained_only`` (a ``train``
+    piece's): its finished training (train/result.json, written last) in the local cache
+    suffices (weights never leave the machine)."""
     pub = Path(published_root or results.PUBLISHED_ROOT)
-    return any((d / "DONE").exists() for d in (pub / chapter / "results" / folder,
-                                              results.results_root() / chapter / folder))
+    local = results.results_root() / chapter / folder
+    return (any((d / "DONE").exists() for d in (pub / chapter / "results" / folder, local))
+            or (trained_only and (local / "train" / "result.json").exists()))
 
 
 def is_done(piece: Piece, ledger: dict, dry_run: bool = False,
             published_root: Path | None = None) -> bool:
     """Listed in the ledger for this exact piece + config + library version, with every run
-    folder present (published or in the local cache)."""
+    folder present (published or in the local cache; a ``train`` piece's trained weights
+    in the local cache: on a fresh machine it trains again)."""
     entry = ledger.get(piece.id)
     if not entry or entry.get("spec_hash") != spec_hash(piece, dry_run):
         return False
-    return all(_run_present(piece.chapter, f, published_root) for f in entry["folders"])
+    return all(_run_present(piece.chapter, f, published_root, piece.stage == "train")
+               for f in entry["folders"])

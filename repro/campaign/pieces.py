@@ -26,7 +26,8 @@ class Piece:
     title: str
     overrides: dict = field(default_factory=dict)   # restrict the gpu preset (not in run keys)
     only: tuple | None = None                        # run names, for chapters whose run() has it
-    stage: str = "run"                               # "run" or "memorization:<dataset>" (BAT)
+    stage: str = "run"          # "run", "train" / "evaluate" (one model's two halves),
+                                # or "memorization:<dataset>" (BAT)
     claims: tuple = ()                               # claim ids this piece's results decide
     needs: tuple = ()                                # piece ids that must be done first
     datasets: tuple = ()                             # what must be staged on the machine
@@ -84,22 +85,51 @@ PIECES: list[Piece] = [
 ]
 
 # The CPU campaign (repro/campaign/cpu.py): every chapter's `overnight` preset in pieces of
-# about 2 hours of a 2-core CPU or less, each one trained model where the chapter's run()
-# can select one (HE and AdvProp: `only`; LMT: `methods`). A piece's training resumes from
-# its last epoch checkpoint after a kill; its evaluation starts over.
+# at most about 2 hours of a 2-core CPU, each one trained model where the chapter's run()
+# can select one (HE and AdvProp: `only`; LMT: `methods`). A model whose training and
+# evaluation together pass 2 hours is two pieces: `train` (stops once the weights are saved)
+# then `evaluate` (finds them and evaluates). Training resumes from its last epoch
+# checkpoint after a kill; HE's evaluation from its last finished stage.
 _HE_RUN = {"variants": ["pgd_at"]}
+
+
+def _split(id_: str, chapter: str, title: str, *, claims=(), needs=(), **kw) -> list[Piece]:
+    """One model as a training piece and an evaluation piece after it (the claims go to
+    the evaluation, which also waits for ``needs``)."""
+    return [Piece(f"{id_}-train", chapter, f"{title}: training", stage="train", **kw),
+            Piece(f"{id_}-eval", chapter, f"{title}: evaluation", stage="evaluate",
+                  claims=claims, needs=(f"{id_}-train", *needs), **kw)]
+
+
+def _advprop_pieces(method: str, seed: int) -> list[Piece]:
+    run = f"{method}_w32_s{seed}" if method == "vanilla" else f"{method}_w32_e1_s{seed}"
+    last = (method, seed) == ("advprop", 1)
+    claims = (("advprop.clean-gain-b7", "advprop.clean-gain-r50", "advprop.aux-bn")
+              if last else ())
+    needs = (tuple(f"advprop-o-{a}-s{b}" + ("" if a == "vanilla" else "-eval")
+                   for a in ("vanilla", "shared_bn", "advprop") for b in (0, 1)
+                   if (a, b) != ("advprop", 1)) if last else ())
+    kw = dict(only=(run,), datasets=("cifar10",), preset="overnight")
+    title = f"{method}, width 32, seed {seed}"
+    if method == "vanilla":
+        return [Piece(f"advprop-o-{method}-s{seed}", "advprop", title, claims=claims,
+                      needs=needs, **kw)]
+    return _split(f"advprop-o-{method}-s{seed}", "advprop", title, claims=claims,
+                  needs=needs, **kw)
+
+
 OVERNIGHT_PIECES: list[Piece] = [
-    Piece("he-o-pgd_at-s0", "he", "PGD-AT, width-32 PreAct-ResNet-18, seed 0",
-          overrides=_HE_RUN, only=("pgd_at",), datasets=("cifar10",), preset="overnight"),
-    Piece("he-o-pgd_at_he-s0", "he", "PGD-AT+HE, seed 0 (the same initial body and data "
-          "order as PGD-AT)", overrides=_HE_RUN, only=("pgd_at_he",), datasets=("cifar10",),
-          preset="overnight"),
-    Piece("he-o-pgd_at-s1", "he", "PGD-AT, seed 1", overrides={**_HE_RUN, "seed": 1},
-          only=("pgd_at",), datasets=("cifar10",), preset="overnight"),
-    Piece("he-o-pgd_at_he-s1", "he", "PGD-AT+HE, seed 1", overrides={**_HE_RUN, "seed": 1},
-          only=("pgd_at_he",), claims=("he.pgd-gain", "he.aa-gain"),
-          needs=("he-o-pgd_at-s0", "he-o-pgd_at_he-s0", "he-o-pgd_at-s1"),
-          datasets=("cifar10",), preset="overnight"),
+    *_split("he-o-pgd_at-s0", "he", "PGD-AT, width-32 PreAct-ResNet-18, seed 0",
+            overrides=_HE_RUN, only=("pgd_at",), datasets=("cifar10",), preset="overnight"),
+    *_split("he-o-pgd_at_he-s0", "he", "PGD-AT+HE, seed 0 (the same initial body and data "
+            "order as PGD-AT)", overrides=_HE_RUN, only=("pgd_at_he",), datasets=("cifar10",),
+            preset="overnight"),
+    *_split("he-o-pgd_at-s1", "he", "PGD-AT, seed 1", overrides={**_HE_RUN, "seed": 1},
+            only=("pgd_at",), datasets=("cifar10",), preset="overnight"),
+    *_split("he-o-pgd_at_he-s1", "he", "PGD-AT+HE, seed 1", overrides={**_HE_RUN, "seed": 1},
+            only=("pgd_at_he",), claims=("he.pgd-gain", "he.aa-gain"),
+            needs=("he-o-pgd_at-s0-eval", "he-o-pgd_at_he-s0-eval", "he-o-pgd_at-s1-eval"),
+            datasets=("cifar10",), preset="overnight"),
     Piece("intro-o", "intro", "standard and PGD-AT small CNN on MNIST, AutoAttack standard",
           datasets=("mnist",), preset="overnight"),
     Piece("lmt-o-baselines", "lmt", "standard and weight decay: MNIST 4-layer CNN, 20 epochs",
@@ -108,15 +138,9 @@ OVERNIGHT_PIECES: list[Piece] = [
     Piece("lmt-o-lmt", "lmt", "LMT and LMT++ at every c: MNIST 4-layer CNN, 20 epochs",
           overrides={"methods": ["lmt", "lmt_plus"]}, datasets=("mnist",),
           preset="overnight"),
-    *[Piece(f"advprop-o-{m}-s{s}", "advprop", f"{m}, width 32, seed {s}",
-            only=(f"{m}_w32_s{s}" if m == "vanilla" else f"{m}_w32_e1_s{s}",),
-            claims=(("advprop.clean-gain-b7", "advprop.clean-gain-r50", "advprop.aux-bn")
-                    if (m, s) == ("advprop", 1) else ()),
-            needs=(tuple(f"advprop-o-{a}-s{b}" for a in ("vanilla", "shared_bn", "advprop")
-                         for b in (0, 1) if (a, b) != ("advprop", 1))
-                   if (m, s) == ("advprop", 1) else ()),
-            datasets=("cifar10",), preset="overnight")
-      for s in (0, 1) for m in ("vanilla", "shared_bn", "advprop")],
+    # AdvProp: vanilla (0.85 h) is one piece; shared-BN and AdvProp (2.0 and 2.3 h) are two
+    *[q for s in (0, 1) for m in ("vanilla", "shared_bn", "advprop")
+      for q in _advprop_pieces(m, s)],
     Piece("bat-o-mem-cifar10", "bat", "memorization: K subset models + proxy, CIFAR-10",
           stage="memorization:cifar10", datasets=("cifar10",), preset="overnight"),
     Piece("bat-o-mem-cifar100", "bat", "memorization contrast: K subset models, CIFAR-100",
@@ -137,8 +161,8 @@ OVERNIGHT_PIECES: list[Piece] = [
     # first session, its evaluation left for last, for the chapter's accuracy-per-hour frontier
     Piece("he-o-pilot-e20", "he", "HE pilot: PGD-AT, 20 epochs, seed 0 (the frontier's first "
           "point; its training is done, its evaluation resumes)",
-          overrides={**_HE_RUN, "epochs": 20}, only=("pgd_at",), datasets=("cifar10",),
-          preset="overnight"),
+          overrides={**_HE_RUN, "epochs": 20}, only=("pgd_at",), stage="evaluate",
+          datasets=("cifar10",), preset="overnight"),
 ]
 BY_ID = {p.id: p for p in PIECES + OVERNIGHT_PIECES}
 

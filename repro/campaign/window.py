@@ -52,6 +52,15 @@ def run_piece(piece: Piece, dry_run: bool = False, progress: bool = False) -> di
     kwargs = dict(overrides)
     if piece.only is not None:
         kwargs["only"] = list(piece.only)
+    if piece.stage == "train":
+        # training only; the piece's evaluation is the next piece, which finds the weights
+        from repro.experiments import common
+        try:
+            with common.stop_after_training():
+                out = module.run(preset, progress=progress, **kwargs)
+        except common.TrainedOnly as stopped:
+            return {stopped.name: str(stopped.path)}
+        return {name: r["path"] for name, r in out["runs"].items()}   # found finished
     out = module.run(preset, progress=progress, **kwargs)
     return {name: r["path"] for name, r in out["runs"].items()}
 

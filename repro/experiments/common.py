@@ -45,6 +45,36 @@ def load_dataset(name: str, *, n_train: int | None, n_test: int | None,
     return ds.limit(n_train, n_val, n_test)
 
 
+class TrainedOnly(Exception):
+    """Raised by ``train_and_evaluate`` inside ``stop_after_training()`` once a run's training
+    is finished and saved (its evaluation not started): ``path`` is the run folder, whose
+    final checkpoint the next call evaluates without training again."""
+
+    def __init__(self, chapter: str, name: str, path):
+        super().__init__(f"{chapter}/{name}: trained, evaluation left for later ({path})")
+        self.chapter, self.name, self.path = chapter, name, path
+
+
+_STOP_AFTER_TRAINING = False
+
+
+class stop_after_training:
+    """``with stop_after_training(): chapter.run(..., only=[name])``: the first run that has
+    to be computed stops after its training (``TrainedOnly``), so that training and
+    evaluation can be separate campaign pieces of at most 2 hours each. A run found
+    finished in the cache returns as usual."""
+
+    def __enter__(self):
+        global _STOP_AFTER_TRAINING
+        self._before, _STOP_AFTER_TRAINING = _STOP_AFTER_TRAINING, True
+        return self
+
+    def __exit__(self, *exc):
+        global _STOP_AFTER_TRAINING
+        _STOP_AFTER_TRAINING = self._before
+        return False
+
+
 def train_and_evaluate(chapter: str, name: str, config: dict, *,
                        model_fn: Callable[[], torch.nn.Module], objective,
                        dataset: data.Dataset, train_cfg: train.TrainConfig,
@@ -67,6 +97,8 @@ def train_and_evaluate(chapter: str, name: str, config: dict, *,
         model = model_fn()
         result = train.train(model, objective, dataset, train_cfg, run.path / "train",
                              device=device, progress=progress, validate=validate)
+        if _STOP_AFTER_TRAINING:
+            raise TrainedOnly(chapter, name, run.path)
         weights = result.best_path if (use_best and result.best_path) else result.final_path
         train.load_weights(model, weights, device)
         model.to(device).eval()
