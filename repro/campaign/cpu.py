@@ -388,6 +388,19 @@ def git_commit(paths: list[Path], message: str, log=print) -> str | None:
         return None
 
 
+def training_seconds(folders) -> float | None:
+    """The trainer's own wall time of these runs, summed over every epoch whatever process
+    ran it (``train/result.json``): a piece's ``measured_s`` counts only its last process,
+    so a model trained before its piece was split or restarted shows its cost here."""
+    total, found = 0.0, False
+    for folder in folders:
+        f = Path(folder) / "train" / "result.json"
+        if f.exists():
+            total += float(json.loads(f.read_text()).get("seconds") or 0.0)
+            found = True
+    return round(total, 1) if found else None
+
+
 class _Runner:
     """One ``campaign run --device cpu``: the pending pieces in order, one child at a time.
     ``dry_run``: each piece at the smoke preset cut to toy size (the GPU dry run's
@@ -494,6 +507,7 @@ class _Runner:
                         "device": results.device_name("cpu"), "cpu": kind,
                         "compile": entry.get("compile"),
                         "estimated_s": entry["estimate_s"], "measured_s": entry["measured_s"],
+                        "training_s": training_seconds(entry["runs"].values()),
                         "commit": results.git_commit(), "finished": entry["ended"]}
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         results._write_json(self.ledger_path, ledger)
