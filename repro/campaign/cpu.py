@@ -507,7 +507,8 @@ class _Runner:
                         "device": results.device_name("cpu"), "cpu": kind,
                         "compile": entry.get("compile"),
                         "estimated_s": entry["estimate_s"], "measured_s": entry["measured_s"],
-                        "training_s": training_seconds(entry["runs"].values()),
+                        "training_s": (None if p.stage == "evaluate"   # its -train piece's
+                                       else training_seconds(entry["runs"].values())),
                         "commit": results.git_commit(), "finished": entry["ended"]}
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         results._write_json(self.ledger_path, ledger)
