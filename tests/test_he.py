@@ -347,3 +347,29 @@ def test_hours_curve_uses_the_fastest_epoch_and_ends_at_the_test_point():
     assert list(df["epoch_s"][:3]) == [300.0, 100.0, 4000.0]
     last = df.iloc[-1]
     assert (last["split"], last["clean"], last["robust"]) == ("test (9)", 61.0, 33.0)
+
+
+@pytest.mark.slow
+def test_frontier_runs_join_the_result_without_changing_the_others(tmp_path, monkeypatch,
+                                                                     data_root):
+    """``frontier_epochs``: PGD-AT also trained for fewer epochs (the accuracy-per-hour
+    plot's points) under ``pgd_at@e<epochs>``; it is not part of any run's key, so the
+    full runs are the ones a run without it finds, and no claim reads the shorter run."""
+    from repro.experiments import he
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
+    monkeypatch.setenv("REPRO_DATA", str(data_root))
+    small = dict(n_train=64, n_test=16, val_size=8, batch_size=32, epochs=2, train_steps=1,
+                 eval_steps=1, eps_grid=[0.0], progress=False)
+    plain = he.run("smoke", **small)
+    out = he.run("smoke", frontier_epochs=[1, 2], **small)   # 2 = epochs: nothing extra
+    assert set(out["runs"]) == {"pgd_at", "pgd_at_he", "pgd_at@e1"}
+    for name in ("pgd_at", "pgd_at_he"):
+        assert out["runs"][name]["path"] == plain["runs"][name]["path"]
+    history = out["runs"]["pgd_at@e1"]["metrics"]["training"]["history"]
+    assert [h["epoch"] for h in history] == [1]
+    assert he.label("pgd_at@e1") == "PGD-AT (1 epoch)" and he.split_name("pgd_at@e1") == \
+        ("pgd_at", None) and he.label("pgd_at@e20") == "PGD-AT (20 epochs)"
+    assert he.seeds_of(out, "pgd_at") == [("pgd_at", "pgd_at_he")]
+    curve = he.hours_curve(out)
+    assert "PGD-AT (1 epoch)" in set(curve["run"])
+    assert "PGD-AT (1 epoch)" in he.table(out).index

@@ -162,6 +162,9 @@ SPEC = Spec("he", [
     Param("seed", "int", "seed for data order, initialisation and attacks", ge=0),
     Param("extra_seeds", "list[int]", "further seeds of every run, for the gain claims "
           "(paired over the test images and across seeds); not part of a run's key", ge=0),
+    Param("frontier_epochs", "list[int]", "PGD-AT also trained for these (fewer) epochs, "
+          "seed 0, evaluated like the others: the points of the accuracy-per-hour plot "
+          "besides the full runs; not part of a run's key", ge=1),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     # CPU, about a minute: PGD-AT with and without HE on 512 images of a width-4 network.
@@ -169,7 +172,8 @@ SPEC = Spec("he", [
                   n_train=512, n_test=100, n_aa=0, eps=8.0, train_steps=3, eval_steps=5,
                   restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                   autoattack="none", batch_size=64, lr=0.1, schedule="onecycle",
-                  milestones=[0.5, 0.75], val_size=64, seed=0, extra_seeds=[], device="auto"),
+                  milestones=[0.5, 0.75], val_size=64, seed=0, extra_seeds=[],
+                  frontier_epochs=[], device="auto"),
     # 2 CPU cores, about 30 min (timed in the chapter): PGD-AT and ALP, each with and without
     # HE, width-8 PreAct-ResNet-18 on the full training set, 2 epochs, a 3-step training
     # attack. TRADES needs the gpu preset. (A 1-step attack, FGSM-RS at 1.25·eps, overfitted
@@ -179,7 +183,8 @@ SPEC = Spec("he", [
                    epochs=2, n_train=None, n_test=1000, n_aa=100, eps=8.0, train_steps=3,
                    eval_steps=10, restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                    autoattack="fast", batch_size=128, lr=0.2, schedule="onecycle",
-                   milestones=[0.5, 0.75], val_size=200, seed=0, extra_seeds=[], device="auto"),
+                   milestones=[0.5, 0.75], val_size=200, seed=0, extra_seeds=[],
+                   frontier_epochs=[], device="auto"),
     # 2 CPU cores, about 12 hours (python -m repro campaign plan --device cpu --preset
     # overnight): PGD-AT and PGD-AT+HE, two seeds (-p seed 1), on the full training set, a
     # width-32 PreAct-ResNet-18, 30 epochs of PGD-2 training (step 1.25·eps), the full
@@ -196,7 +201,8 @@ SPEC = Spec("he", [
                       train_steps=2, eval_steps=20, restarts=1, s=None, m=None,
                       eps_grid=[0.0, 8.0], autoattack="fast", batch_size=128,
                       lr=0.2, schedule="onecycle", milestones=[0.5, 0.75], val_size=500,
-                      seed=0, extra_seeds=[1], device="auto"),
+                      seed=0, extra_seeds=[1],
+                      frontier_epochs=[20], device="auto"),
     # One H200, six runs in three campaign pieces of two runs (repro/campaign/: variants
     # [pgd_at], [trades], [alp]; about 4-5 H200-minutes each by counted operations, not yet
     # measured): PreAct-ResNet-18 (width 64), full CIFAR-10, 8 epochs of PGD-7 AT (Madry's
@@ -205,7 +211,8 @@ SPEC = Spec("he", [
                 n_train=None, n_test=2000, n_aa=1000, eps=8.0, train_steps=7, eval_steps=20,
                 restarts=1, s=None, m=None, eps_grid=[0.0, 4.0, 8.0, 16.0],
                 autoattack="fast", batch_size=128, lr=0.2, schedule="onecycle",
-                milestones=[0.5, 0.75], val_size=500, seed=0, extra_seeds=[], device="auto"),
+                milestones=[0.5, 0.75], val_size=500, seed=0, extra_seeds=[],
+                frontier_epochs=[], device="auto"),
     # The paper's schedule: 110 epochs, lr 0.1 decayed ×0.1 at epochs 100 and 105, PGD-10
     # training attack. WRN-34-20, the RobustBench entry the claims quote; the paper's Table 2
     # uses WRN-34-10 (-p architecture wrn34_10). Not the official script's schedule: see
@@ -215,7 +222,8 @@ SPEC = Spec("he", [
                   eval_steps=20, restarts=1, s=None, m=None,
                   eps_grid=[0.0, 2.0, 4.0, 8.0, 12.0, 16.0], autoattack="standard",
                   batch_size=128, lr=0.1, schedule="multistep", milestones=[100.0, 105.0],
-                  val_size=1000, seed=0, extra_seeds=[], device="auto"),
+                  val_size=1000, seed=0, extra_seeds=[],
+                  frontier_epochs=[], device="auto"),
 })
 
 
@@ -228,17 +236,26 @@ def seed_name(name: str, seed: int) -> str:
     return f"{name}@s{seed}"
 
 
+def epochs_name(name: str, epochs: int) -> str:
+    """The result key of run ``name`` trained for ``frontier_epochs`` epochs: ``pgd_at@e20``."""
+    return f"{name}@e{epochs}"
+
+
 def split_name(key: str) -> tuple[str, int | None]:
-    """``pgd_at_he@s1`` -> ("pgd_at_he", 1); a main-seed key -> (key, None)."""
+    """``pgd_at_he@s1`` -> ("pgd_at_he", 1); a main-seed key -> (key, None); a frontier
+    key ``pgd_at@e20`` -> ("pgd_at", None)."""
+    key = key.split("@e", 1)[0]
     name, _, seed = key.partition("@s")
     return name, (int(seed) if seed else None)
 
 
 def label(name: str) -> str:
+    epochs = name.split("@e", 1)[1] if "@e" in name else None
     name, seed = split_name(name)
     base = name[:-3] if name.endswith("_he") else name
     return (LABELS[base] + ("+HE" if name.endswith("_he") else "")
-            + (f" (seed {seed})" if seed is not None else ""))
+            + (f" (seed {seed})" if seed is not None else "")
+            + (f" ({epochs} epoch{'' if epochs == '1' else 's'})" if epochs else ""))
 
 
 def he_params(variant: str, cfg: dict) -> dict:
@@ -413,7 +430,8 @@ def train_config(cfg: dict) -> TrainConfig:
 def run_key(name: str, cfg: dict) -> dict:
     """What changes a run's result: everything but the device, the list of variants and the
     list of extra seeds (a run of an extra seed is the run of that ``seed``)."""
-    return {**{k: v for k, v in cfg.items() if k not in ("device", "variants", "extra_seeds")},
+    return {**{k: v for k, v in cfg.items()
+               if k not in ("device", "variants", "extra_seeds", "frontier_epochs")},
             "method": name}
 
 
@@ -428,7 +446,9 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
     ``only``: compute just these run names (e.g. ``["pgd_at_he"]``) at the config's seed, to
     split a preset over processes or sessions; the cache joins them afterwards. Without it,
     every run is also trained (or found) at each of ``extra_seeds``, under the result key
-    ``seed_name(name, seed)``: the gain claims pair the runs over test images and seeds."""
+    ``seed_name(name, seed)``: the gain claims pair the runs over test images and seeds; and
+    the first variant's base method at each of ``frontier_epochs``, under
+    ``epochs_name(name, epochs)``, for the accuracy-per-hour plot (no claim reads it)."""
     cfg = SPEC.resolve(preset, **overrides)
     device = common.pick_device(cfg["device"])
     ds = common.load_dataset("cifar10", n_train=cfg["n_train"], n_test=cfg["n_test"],
@@ -453,6 +473,19 @@ def run(preset: str = "smoke", progress: bool = True, only=None, **overrides) ->
             key = name if seed == cfg["seed"] else seed_name(name, seed)
             out["runs"][key] = {"metrics": r.metrics(), "arrays": r.arrays(),
                                 "provenance": r.provenance(), "path": str(r.path)}
+    # the accuracy-per-hour plot's shorter runs: the first variant's base method, main seed
+    base = cfg["variants"][0]
+    for epochs in ([e for e in cfg["frontier_epochs"] if e != cfg["epochs"]]
+                   if only is None else []):
+        cfg_e = {**cfg, "epochs": epochs}
+        r = common.train_and_evaluate(
+            "he", base, run_key(base, cfg_e), model_fn=_model_fn(cfg_e, ds, False),
+            objective=make_objective(base, cfg_e), dataset=ds, train_cfg=train_config(cfg_e),
+            device=device, progress=progress, use_best=False,
+            evaluate=lambda m, folder, c=cfg_e: _evaluate(m, ds, c, device, progress, folder))
+        out["runs"][epochs_name(base, epochs)] = {
+            "metrics": r.metrics(), "arrays": r.arrays(), "provenance": r.provenance(),
+            "path": str(r.path)}
     out["summary"] = {n: summary_row(r["metrics"]) for n, r in out["runs"].items()}
     return out
 
