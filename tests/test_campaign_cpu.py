@@ -2,6 +2,7 @@
 resolve, estimates come from measured rates x counted passes, and the runner computes a real
 piece (at toy size: the GPU dry run's overrides), places its small files, records it in the
 ledger, never reruns it, and after a kill at its budget resumes it to the same result."""
+import dataclasses
 import json
 
 import pytest
@@ -156,6 +157,15 @@ def test_runner_computes_places_records_and_never_reruns(tmp_path, monkeypatch, 
         assert (cpu.state_dir("overnight") / f"{p}.log").read_text() == logs[p], \
             "a finished piece is never run again"
     assert "done" in cpu.format_status("overnight").split(piece)[1].splitlines()[0]
+
+    # a spec change that keys no run (a title here) reruns the piece, which finds its runs
+    # cached: the ledger keeps the earlier computation's time
+    monkeypatch.setitem(pieces.BY_ID, piece, dataclasses.replace(
+        pieces.BY_ID[piece], title="evaluation, retitled"))
+    cpu.campaign_run("overnight", **kw)
+    kept = json.loads((pub / "campaign-ledger.json").read_text())[piece]
+    assert kept["measured_s"] == ledger[piece]["measured_s"] and "rechecked" in kept
+    assert kept["spec_hash"] != ledger[piece]["spec_hash"]
 
 
 def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):

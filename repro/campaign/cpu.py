@@ -502,6 +502,7 @@ class _Runner:
     def finish_piece(self, p: Piece, entry: dict, kind: dict) -> None:
         written = place_runs(p.chapter, entry["runs"], self.published)
         ledger = read_ledger(self.ledger_path)
+        before = ledger.get(p.id)
         ledger[p.id] = {"spec_hash": entry["spec_hash"],
                         "folders": [Path(f).name for f in entry["runs"].values()],
                         "device": results.device_name("cpu"), "cpu": kind,
@@ -510,6 +511,13 @@ class _Runner:
                         "training_s": (None if p.stage == "evaluate"   # its -train piece's
                                        else training_seconds(entry["runs"].values())),
                         "commit": results.git_commit(), "finished": entry["ended"]}
+        if before and before.get("folders") == ledger[p.id]["folders"]:
+            # the same runs, found in the cache after the piece's spec changed (a parameter
+            # that keys no run, a title): the time is the earlier computation's
+            keep = ("estimated_s", "measured_s", "training_s", "commit", "finished", "cpu",
+                    "compile", "device", "note")
+            ledger[p.id].update({k: before[k] for k in keep if k in before},
+                                rechecked=entry["ended"])
         self.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         results._write_json(self.ledger_path, ledger)
         self.log(f"[campaign] {p.id}: {len(written)} small files placed under "
