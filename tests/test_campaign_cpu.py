@@ -78,10 +78,22 @@ def test_a_model_split_in_two_pieces_is_its_training_then_its_evaluation():
     assert set(last.claims) == {"he.pgd-gain", "he.aa-gain"}
     assert {"he-o-pgd_at_he-s1-train", "he-o-pgd_at-s0-eval", "he-o-pgd_at_he-s0-eval",
             "he-o-pgd_at-s1-eval"} <= set(last.needs)
-    # an evaluation piece trains nothing, so it never compiles
+    # an evaluation piece trains nothing, a training piece evaluates nothing: each compiles
+    # only its own half, by that half's measurement
     r = _fake_rates()
-    assert not cpu.piece_compiles(ev, {"speedup": 2.0, "compile_warmup_s": 1.0}, r["rates"])[0]
-    assert cpu.piece_compiles(train, {"speedup": 2.0, "compile_warmup_s": 1.0}, r["rates"])[0]
+    check = {"speedup": 2.0, "compile_warmup_s": 1.0,
+             "evaluation": {"speedup": 2.07, "compile_warmup_s": 3.0}}
+    assert not cpu.piece_compiles(ev, check, r["rates"])[0]
+    assert cpu.piece_compiles(train, check, r["rates"])[0]
+    assert cpu.piece_compiles_eval(ev, check, r["rates"])[0]
+    assert not cpu.piece_compiles_eval(train, check, r["rates"])[0]
+    slow_eval = {**check, "evaluation": {"speedup": 1.02, "compile_warmup_s": 3.0}}
+    assert not cpu.piece_compiles_eval(ev, slow_eval, r["rates"])[0]
+    assert not cpu.piece_compiles_eval(ev, {"speedup": 2.0}, r["rates"])[0]   # not measured
+    # the compiled evaluation's estimate: its passes at the measured speed-up, + warm-up
+    eager = cpu.piece_seconds(ev, r["rates"])
+    want = cpu.PIECE_OVERHEAD_S + (eager - cpu.PIECE_OVERHEAD_S) / 2.07 + 3.0
+    assert cpu.piece_seconds(ev, r["rates"], check) == pytest.approx(want)
 
 
 def test_a_resumed_piece_is_estimated_from_what_it_ran_before():
@@ -184,3 +196,8 @@ def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):
     assert cpu.piece_seconds(p, r["rates"], fast) == pytest.approx(want)
     monkeypatch.setenv("REPRO_COMPILE", "0")   # the runner's environment decides
     assert cpu.use_compile(fast, eager) == (False, "REPRO_COMPILE=0 set for the runner")
+    assert cpu.use_compile(fast, eager, env="REPRO_COMPILE_EVAL")[0]   # each its own
+    monkeypatch.setenv("REPRO_COMPILE_EVAL", "0")
+    ev = pieces.BY_ID["he-o-pgd_at-s0-eval"]
+    assert cpu.piece_compiles_eval(ev, {"evaluation": fast}, r["rates"]) == \
+        (False, "REPRO_COMPILE_EVAL=0 set for the runner")

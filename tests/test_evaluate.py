@@ -187,3 +187,42 @@ def test_autoattack_with_fewer_than_4_classes_leaves_out_apgd_t(mnist, model, k,
 def test_autoattack_refuses_a_single_logit(mnist, model):
     with pytest.raises(ValueError, match="at least 2 classes"):
         E.autoattack(_first_logits(model, 1), mnist.x_test[:4], mnist.y_test[:4] * 0, eps=EPS)
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_is_the_same_fp32_evaluation(cifar10, monkeypatch):
+    """``REPRO_COMPILE_EVAL=1`` (the CPU campaign's evaluations) attacks ``torch.compile``
+    of the model: the same fp32 arithmetic, differently fused. Clean logits agree to fp32
+    rounding (tolerance 1e-4 relative: fused kernels reorder sums of a few thousand terms
+    at ~1e-7 each), the model's attributes are its own (HE's geometry reads ``head``), and
+    a PGD attack is as strong: its sign steps may differ only where a gradient is ~0."""
+    from repro.experiments import common, he
+    ds = cifar10.limit(n_train=10, n_val=10, n_test=64)
+    torch.manual_seed(0)
+    model = common.model_for("preact_resnet18", ds, width=4, head="hypersphere")().eval()
+    x, y = data.to_float(ds.x_test), ds.y_test
+    monkeypatch.setenv("REPRO_COMPILE_EVAL", "0")
+    same, how = common.evaluation_model(model)
+    assert same is model and not how["compile"]
+    monkeypatch.setenv("REPRO_COMPILE_EVAL", "1")
+    net, how = common.evaluation_model(model)
+    assert net is not model and how == {"compile": True, "why": "REPRO_COMPILE_EVAL=1"}
+    assert net.head is model.head
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+    geo_c, geo_e = he.feature_geometry(net, x, y), he.feature_geometry(model, x, y)
+    np.testing.assert_allclose(geo_c["angle"], geo_e["angle"], rtol=1e-4, atol=1e-3)
+
+    def pgd_acc(m):
+        g = torch.Generator().manual_seed(0)
+        x_adv = A.pgd(m, x, y, eps=8 / 255, alpha=2 / 255, steps=5, generator=g)
+        assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+        with torch.no_grad():
+            return (model(x_adv).argmax(1) == y).float().mean().item()
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    eager, compiled = pgd_acc(model), pgd_acc(net)
+    assert eager < clean and compiled < clean
+    assert abs(compiled - eager) <= 2 / 64, (eager, compiled)
+    monkeypatch.setenv("REPRO_COMPILE_EVAL", "yes")
+    with pytest.raises(ValueError, match="REPRO_COMPILE_EVAL must be 0 or 1"):
+        common.evaluation_model(model)

@@ -185,25 +185,78 @@ def measure_compile(width: int = 32, batch: int = 128, steps: int = 4, warmup: i
     return out
 
 
+def measure_eval_compile(width: int = 32, batch: int = 256, steps: int = 5,
+                         repeats: int = 3, log=print) -> dict:
+    """An evaluation's fp32 PGD attack (``repro.attacks.pgd``, ``steps`` steps on ``batch``
+    random images) on a width-``width`` PreAct-ResNet-18, eager against ``torch.compile``:
+    milliseconds per image-pass (forward + input gradient = 2 passes a step, best of
+    ``repeats``) and the compiled warm-up. A compile failure is recorded, not raised."""
+    import torch
+    from repro import attacks, models
+    from repro.data import MEAN_STD
+    torch.manual_seed(0)
+    model = models.build("preact_resnet18", 10, mean_std=MEAN_STD["cifar10"],
+                         width=width).eval()
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def attack(m, n):
+        return attacks.pgd(m, x, y, eps=8 / 255, alpha=2 / 255, steps=n,
+                           generator=torch.Generator().manual_seed(0))
+
+    def timed(m):
+        t = time.perf_counter()
+        attack(m, 1)
+        warm = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            attack(m, steps)
+            best = min(best, time.perf_counter() - t)
+        return best / (steps * 2 * batch) * 1e3, warm
+
+    out: dict[str, Any] = {"model": f"preact_resnet18(width={width})", "batch": batch,
+                           "attack": f"fp32 PGD-{steps}", "measured": _now()}
+    eager, _ = timed(model)
+    out["eager_ms_per_pass"] = round(eager, 4)
+    try:
+        compiled, warm = timed(torch.compile(model))
+        out.update(compiled_ms_per_pass=round(compiled, 4), speedup=round(eager / compiled, 3),
+                   compile_warmup_s=round(warm, 1))
+    except Exception as e:  # noqa: BLE001 - compile is optional: eager it is
+        out.update(error=f"{type(e).__name__}: {e}"[:300], speedup=0.0)
+    log(f"[compile] evaluation: eager {out['eager_ms_per_pass']} ms/pass, compiled "
+        f"{out.get('compiled_ms_per_pass', '-')} ms/pass (warm-up "
+        f"{out.get('compile_warmup_s', '-')} s)")
+    return out
+
+
 def compile_check(*, remeasure: bool = False, log=print) -> dict:
     """``measure_compile`` for this CPU kind, kept beside the rates."""
     kind = cpu_kind()
     f = results.results_root() / "_campaign" / "cpu-rates.json"
     store = json.loads(f.read_text()) if f.exists() else {}
     mine = store.setdefault(_kind_key(kind), {"kind": kind, "rates": {}})
+    changed = False
     if remeasure or "compile" not in mine:
         log("[compile] measuring eager against compiled training steps (a few minutes, once)")
         mine["compile"] = measure_compile(log=log)
+        changed = True
+    if remeasure or "evaluation" not in mine["compile"]:
+        log("[compile] measuring eager against compiled evaluation attacks (a minute, once)")
+        mine["compile"]["evaluation"] = measure_eval_compile(log=log)
+        changed = True
+    if changed:
         f.parent.mkdir(parents=True, exist_ok=True)
         results._write_json(f, store)
     return mine["compile"]
 
 
-def use_compile(check: dict, piece_s: float) -> tuple[bool, str]:
-    """Whether a piece of ``piece_s`` estimated seconds trains compiled, and why."""
-    forced = os.environ.get("REPRO_COMPILE", "").strip()
+def use_compile(check: dict, piece_s: float, env: str = "REPRO_COMPILE") -> tuple[bool, str]:
+    """Whether a piece of ``piece_s`` estimated seconds trains (evaluates, with ``env``
+    "REPRO_COMPILE_EVAL" and the evaluation's check) compiled, and why."""
+    forced = os.environ.get(env, "").strip()
     if forced in ("0", "1"):
-        return forced == "1", f"REPRO_COMPILE={forced} set for the runner"
+        return forced == "1", f"{env}={forced} set for the runner"
     speed, warm = check.get("speedup") or 0.0, check.get("compile_warmup_s") or float("inf")
     ok = speed >= COMPILE_MIN_SPEEDUP and warm <= COMPILE_MAX_WARMUP * piece_s
     return ok, (f"compiled step {speed:.2f}x eager, warm-up {warm:.0f} s "
@@ -213,30 +266,50 @@ def use_compile(check: dict, piece_s: float) -> tuple[bool, str]:
 
 
 def piece_compiles(piece: Piece, check: dict, rates_: dict) -> tuple[bool, str]:
-    """``use_compile`` for ``piece``; a piece that trains nothing (an ``evaluate`` piece:
-    evaluation is never compiled) is not compiled."""
+    """``use_compile`` for ``piece``'s training; a piece that trains nothing (an
+    ``evaluate`` piece) is not."""
     if not any(j.models for j in piece_jobs(piece)):
-        return False, "nothing to train (evaluation runs eager, in fp32)"
+        return False, "nothing to train"
     return use_compile(check, piece_seconds(piece, rates_))
 
 
-def job_seconds(job: Job, rates_: dict, train_speedup: float = 1.0) -> float:
-    """Counted passes x the measured seconds per pass (training passes / ``train_speedup``:
-    a compiled piece's measured speed-up; evaluation is never compiled)."""
+def piece_compiles_eval(piece: Piece, check: dict, rates_: dict) -> tuple[bool, str]:
+    """``use_compile`` for ``piece``'s evaluation (``REPRO_COMPILE_EVAL`` in its
+    environment), from the evaluation's own measurement (``measure_eval_compile``)."""
+    if not any(j.what.endswith("eval") for j in piece_jobs(piece)):
+        return False, "nothing to evaluate"
+    ev = (check or {}).get("evaluation")
+    if not ev and not os.environ.get("REPRO_COMPILE_EVAL", "").strip():
+        return False, "evaluation compile not measured"
+    return use_compile(ev or {}, piece_seconds(piece, rates_), env="REPRO_COMPILE_EVAL")
+
+
+def job_seconds(job: Job, rates_: dict, train_speedup: float = 1.0,
+                eval_speedup: float = 1.0) -> float:
+    """Counted passes x the measured seconds per pass, divided by the measured speed-up of
+    a compiled training step (``train_speedup``) or evaluation attack (``eval_speedup``)
+    where the piece compiles them."""
     r = rates_[job.arch.label()]
-    per = r["eval"] if job.what.endswith("eval") else r["train"] / train_speedup
+    per = r["eval"] / eval_speedup if job.what.endswith("eval") else r["train"] / train_speedup
     return job.passes * per + job.models * RUN_OVERHEAD_S
 
 
 def piece_seconds(piece: Piece, rates_: dict, check: dict | None = None) -> float:
-    """Estimated seconds of ``piece``; with ``check`` (``compile_check``), compiled where
-    ``use_compile`` would compile it, plus the warm-up."""
-    eager = PIECE_OVERHEAD_S + sum(job_seconds(j, rates_) for j in piece_jobs(piece))
-    if not check or not piece_compiles(piece, check, rates_)[0]:
-        return eager
-    models = sum(j.models for j in piece_jobs(piece))
-    return (PIECE_OVERHEAD_S + models * check.get("compile_warmup_s", 0.0)
-            + sum(job_seconds(j, rates_, check["speedup"]) for j in piece_jobs(piece)))
+    """Estimated seconds of ``piece``; with ``check`` (``compile_check``), its training and
+    its evaluation compiled where ``piece_compiles`` / ``piece_compiles_eval`` would compile
+    them, plus their warm-ups."""
+    jobs = piece_jobs(piece)
+    if not check:
+        return PIECE_OVERHEAD_S + sum(job_seconds(j, rates_) for j in jobs)
+    train_c = piece_compiles(piece, check, rates_)[0]
+    eval_c = piece_compiles_eval(piece, check, rates_)[0]
+    ev = check.get("evaluation") or {}
+    warm = (sum(j.models for j in jobs) * check.get("compile_warmup_s", 0.0) if train_c else 0)
+    warm += (sum(1 for j in jobs if j.what.endswith("eval"))
+             * ev.get("compile_warmup_s", 0.0) if eval_c else 0)
+    return PIECE_OVERHEAD_S + warm + sum(
+        job_seconds(j, rates_, check["speedup"] if train_c else 1.0,
+                    (ev.get("speedup") or 1.0) if eval_c else 1.0) for j in jobs)
 
 
 def time_left(estimate_s: float, before_s: float) -> float:
@@ -294,11 +367,15 @@ def plan_rows(preset: str = "overnight", *, remeasure: bool = False, log=print,
         rows.append({"id": p.id, "chapter": p.chapter, "title": p.title,
                      "seconds": piece_seconds(p, r["rates"], r["compile"]),
                      "compile": piece_compiles(p, r["compile"], r["rates"])[0],
+                     "compile_eval": piece_compiles_eval(p, r["compile"], r["rates"])[0],
                      "jobs": [(j.what, j.arch.label()) for j in piece_jobs(p)],
                      "claims": list(p.claims), "needs": list(p.needs),
                      "state": "done" if done else "running" if p.id == running
                      else entry.get("status", "pending"),
-                     "measured_s": entry.get("measured_s")})
+                     # the trainer's own time where a process before this piece trained it
+                     "measured_s": max((v for v in (entry.get("measured_s"),
+                                                    (ledger.get(p.id) or {}).get("training_s"))
+                                        if v), default=None)})
     return rows, r
 
 
@@ -306,13 +383,23 @@ def _compile_line(check: dict) -> str:
     if not check:
         return "  torch.compile: not measured"
     if check.get("error"):
-        return f"  torch.compile: failed here ({check['error']}): every piece trains eager"
-    return (f"  torch.compile (measured {check.get('measured', '-')}, the trainer's PGD-10 "
-            f"step of {check.get('model')}, batch {check.get('batch')}): eager "
-            f"{check.get('eager_img_s')} img/s, compiled {check.get('compiled_img_s')} img/s "
-            f"({check.get('speedup')}x) after a {check.get('compile_warmup_s')} s warm-up; "
-            f"pieces compile where the speed-up is >= {COMPILE_MIN_SPEEDUP} and the warm-up "
-            f"<= {COMPILE_MAX_WARMUP:.0%} of the piece")
+        line = f"  torch.compile: failed here ({check['error']}): every piece trains eager"
+    else:
+        line = (f"  torch.compile (measured {check.get('measured', '-')}, the trainer's PGD-10 "
+                f"step of {check.get('model')}, batch {check.get('batch')}): eager "
+                f"{check.get('eager_img_s')} img/s, compiled {check.get('compiled_img_s')} "
+                f"img/s ({check.get('speedup')}x) after a {check.get('compile_warmup_s')} s "
+                f"warm-up; pieces compile where the speed-up is >= {COMPILE_MIN_SPEEDUP} and "
+                f"the warm-up <= {COMPILE_MAX_WARMUP:.0%} of the piece")
+    ev = check.get("evaluation")
+    if ev and ev.get("error"):
+        line += f"\n  evaluation compile failed here ({ev['error']}): evaluations run eager"
+    elif ev:
+        line += (f"\n  evaluation ({ev.get('attack')} of {ev.get('model')}, batch "
+                 f"{ev.get('batch')}): eager {ev.get('eager_ms_per_pass')} ms/pass, compiled "
+                 f"{ev.get('compiled_ms_per_pass')} ms/pass ({ev.get('speedup')}x) after a "
+                 f"{ev.get('compile_warmup_s')} s warm-up; the same rule")
+    return line
 
 
 def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
@@ -337,7 +424,10 @@ def format_plan(rows: list[dict], r: dict, preset: str = "overnight") -> str:
                 if row.get("measured_s") else "")
         lines.append(f"{i:>2} {row['id']:<30} {h:>6.2f} {row['state']:<10} "
                      f"{', '.join(row['claims']) or '-'}{flag}{meas}"
-                     + ("  [compiled]" if row.get("compile") else ""))
+                     + ("  [compiled: " + " + ".join(
+                         w for w, on in (("training", row.get("compile")),
+                                         ("evaluation", row.get("compile_eval"))) if on) + "]"
+                        if row.get("compile") or row.get("compile_eval") else ""))
         lines.append(f"{'':>3} {row['title']}" + (f"; after {', '.join(row['needs'])}"
                                                    if row["needs"] else ""))
     lines += ["", "per chapter (estimated CPU-hours on this machine): "
@@ -438,11 +528,13 @@ class _Runner:
         return float("inf") if self.budget_s is None else \
             self.budget_s - (time.monotonic() - self.start)
 
-    def run_piece(self, p: Piece, est: float, compile_: bool = False, why: str = "") -> dict:
+    def run_piece(self, p: Piece, est: float, compile_: bool = False, why: str = "",
+                  compile_eval: bool = False, why_eval: str = "") -> dict:
         entry = self.status["pieces"].setdefault(p.id, {})
         entry.update({"chapter": p.chapter, "estimate_s": round(est, 1),
                       "spec_hash": spec_hash(p, self.dry_run), "started": _now(),
-                      "status": "running", "compile": compile_, "compile_why": why})
+                      "status": "running", "compile": compile_, "compile_why": why,
+                      "compile_eval": compile_eval, "compile_eval_why": why_eval})
         entry.pop("ended", None)
         self.status["running"] = p.id
         self.save()
@@ -450,7 +542,8 @@ class _Runner:
         record.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "repro", "campaign", "piece", p.id, "--record",
                str(record), "--progress"] + (["--dry-run"] if self.dry_run else [])
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "REPRO_COMPILE": "1" if compile_ else "0"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "REPRO_COMPILE": "1" if compile_ else "0",
+               "REPRO_COMPILE_EVAL": "1" if compile_eval else "0"}
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
                                             ).strip(os.pathsep)
         before = entry.get("measured_before_s", 0.0)
@@ -458,7 +551,8 @@ class _Runner:
         self.log(f"[campaign] {p.id}: {'resuming' if before else 'starting'} ({p.title}); "
                  f"estimate {est / 3600:.2f} h"
                  + (f", {before / 3600:.2f} h of it run before" if before else "")
-                 + f", ETA {eta:%H:%M}; torch.compile {'on' if compile_ else 'off'} ({why}); "
+                 + f", ETA {eta:%H:%M}; torch.compile of training {'on' if compile_ else 'off'}"
+                 f" ({why}), of evaluation {'on' if compile_eval else 'off'} ({why_eval}); "
                  f"progress in {self.dir / (p.id + '.log')}")
         t = time.monotonic()
         with (self.dir / f"{p.id}.log").open("a") as out:
@@ -507,6 +601,7 @@ class _Runner:
                         "folders": [Path(f).name for f in entry["runs"].values()],
                         "device": results.device_name("cpu"), "cpu": kind,
                         "compile": entry.get("compile"),
+                        "compile_eval": entry.get("compile_eval"),
                         "estimated_s": entry["estimate_s"], "measured_s": entry["measured_s"],
                         "training_s": (None if p.stage == "evaluate"   # its -train piece's
                                        else training_seconds(entry["runs"].values())),
@@ -582,11 +677,14 @@ def campaign_run(preset: str = "overnight", *, budget_s: float | None = None,
                 runner.log("[campaign] budget spent: the remaining pieces wait for the next run")
                 break
             compiled, why = piece_compiles(p, check or {}, r["rates"])
+            compiled_eval, why_eval = piece_compiles_eval(p, check or {}, r["rates"])
             est = piece_seconds(p, r["rates"], check)
-            entry = runner.run_piece(p, est, compiled, why)
-            if compiled and entry["status"].startswith("failed") and runner.left() > 0:
+            entry = runner.run_piece(p, est, compiled, why, compiled_eval, why_eval)
+            if ((compiled or compiled_eval) and entry["status"].startswith("failed")
+                    and runner.left() > 0):
                 runner.log(f"[campaign] {p.id}: failed compiled; retrying eager")
-                entry = runner.run_piece(p, est, False, "retry after a compiled failure")
+                entry = runner.run_piece(p, est, False, "retry after a compiled failure",
+                                         False, "retry after a compiled failure")
             if entry["status"] == "done":
                 runner.finish_piece(p, entry, r["kind"])
             elif runner.left() <= 0:

@@ -237,6 +237,8 @@ def _train_with_hook(name: str, config: dict, *, model_fn, objective, dataset, t
 
         result = train.train(model, objective, dataset, train_cfg, run_dir, device=device,
                              progress=progress, validate=validate)
+        if common._STOP_AFTER_TRAINING:
+            raise common.TrainedOnly(CHAPTER, name, run.path)
         weights = result.best_path or result.final_path
         train.load_weights(model, weights, device)
         model.to(device).eval()
@@ -244,7 +246,9 @@ def _train_with_hook(name: str, config: dict, *, model_fn, objective, dataset, t
         for f in sorted(hooks.glob("epoch_*.npz")):
             with np.load(f) as d:
                 epochs.append({k: d[k] for k in d.files})
-        metrics, arrays = evaluate_fn(model, epochs)
+        net, how = common.evaluation_model(model)
+        metrics, arrays = evaluate_fn(net, epochs)
+        metrics["evaluation"] = how
         metrics["training"] = {"history": result.history, "seconds": result.seconds,
                                "weights": "best-on-validation" if weights == result.best_path
                                else "final", "best_step": result.best_step}
