@@ -11,7 +11,7 @@ pieces (``stage`` "train" / "evaluate") where together they pass ``MAX_PIECE_S``
 equivalents of ``repro.campaign.estimate`` times seconds per pass *measured on this CPU*
 (``time_arch`` of every architecture and batch the pieces use): training jobs at the
 precision the trainer resolves here (bf16 where the CPU has native bf16, else fp32),
-evaluation jobs in fp32 (evaluation always is). The rates are kept in
+evaluation jobs in fp32 (evaluation always is; compiled or not). The rates are kept in
 ``RESULTS/_campaign/cpu-rates.json`` per CPU model, thread count, torch and precision, so
 ``plan`` measures once (about a minute) and ``--remeasure`` measures again.
 
@@ -40,7 +40,9 @@ piece: on a 2-core AVX-512-bf16 EPYC it was 1.29x faster after a 44 s warm-up (b
 PGD-10, batch 128), while on this project's AVX2 CPU a compiled step was slower and took 6
 minutes to compile (book/how-to-run.md). What ran is in every run's ``precision`` record and
 in the ledger; a piece that fails compiled is retried eager once. ``REPRO_COMPILE`` set for
-the runner overrides the choice.
+the runner overrides the choice. Evaluation (fp32) is decided the same way from its own
+measurement (``measure_eval_compile``: an fp32 PGD attack, eager against compiled; 2.07x on
+that EPYC) and turned on with ``REPRO_COMPILE_EVAL=1`` (``common.evaluation_model``).
 """
 from __future__ import annotations
 
