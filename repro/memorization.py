@@ -268,6 +268,11 @@ def shard_models(k: int, shard: tuple[int, int] | None) -> list[int]:
     return list(range(i, k, n))
 
 
+def model_path(folder, k: int) -> Path:
+    """Where subset model ``k``'s correctness arrays are kept in an estimation's folder."""
+    return Path(folder) / f"model_{k:04d}.npz"
+
+
 class SubsetEstimation:
     """K subset models, each its own file ``<folder>/model_<k>.npz`` holding that model's
     bool correctness arrays (e.g. ``train_clean``, ``test_clean``, ``train_adv``). Finished
@@ -294,7 +299,7 @@ class SubsetEstimation:
         return {"n": self.n, "fraction": self.fraction, "seed": self.seed}
 
     def path(self, k: int) -> Path:
-        return self.folder / f"model_{k:04d}.npz"
+        return model_path(self.folder, k)
 
     def done(self) -> list[int]:
         return [k for k in range(self.k) if self.path(k).exists()]

@@ -201,3 +201,51 @@ def test_pieces_compile_only_where_it_was_measured_to_pay(monkeypatch):
     ev = pieces.BY_ID["he-o-pgd_at-s0-eval"]
     assert cpu.piece_compiles_eval(ev, {"evaluation": fast}, r["rates"]) == \
         (False, "REPRO_COMPILE_EVAL=0 set for the runner")
+
+
+def test_bat_subset_models_are_shards_of_at_most_two_hours_then_one_merge(tmp_path,
+                                                                         monkeypatch):
+    """BAT overnight's K = 600 CIFAR-10 subset models (the atypical test split's influence
+    SE <= 0.05 needs hundreds) are BAT_SHARDS pieces, every model in exactly one; the merge
+    piece waits for them and trains none itself. A shard is done while its model files are
+    in the cache, or once the merge is done (its estimate is published, the models never)."""
+    from repro import memorization, results
+    from repro.experiments import bat
+    merge = pieces.BY_ID["bat-o-mem-cifar10"]
+    shards = [pieces.BY_ID[f"bat-o-mem-cifar10-shard{i}"] for i in range(pieces.BAT_SHARDS)]
+    assert {s.id for s in shards} == set(merge.needs)
+    cfg = pieces.piece_config(merge)
+    k = bat.mem_k_for(cfg, "cifar10")
+    assert k == 600 and bat.mem_k_for(cfg, "cifar100") == 32
+    per_shard = [memorization.shard_models(k, memorization.parse_shard(s.stage.rsplit(":", 1)[1]))
+                 for s in shards]
+    assert sorted(i for m in per_shard for i in m) == list(range(k))
+    jobs = [j for s in shards for j in estimate.piece_jobs(s)]
+    assert sum(j.models for j in jobs) == k
+    assert all(j.models == 0 or "proxy" in j.what for j in estimate.piece_jobs(merge))
+    # each shard a quarter of the whole's training passes (1.36 h each at this CPU's rates)
+    whole = estimate.WORKLOADS["bat"](cfg, dataclasses.replace(merge, id="unsharded"))
+    k_job = next(j for j in whole if j.what == f"{k} subset models cifar10")
+    assert sum(j.passes for j in jobs) == pytest.approx(k_job.passes)
+
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path))
+    s0 = shards[0]
+    ledger = {s0.id: {"spec_hash": pieces.spec_hash(s0), "folders": ["subsets-cifar10-x"]}}
+    models = tmp_path / "bat" / "subsets-cifar10-x" / "models"
+    models.mkdir(parents=True)
+    from repro.campaign.ledger import is_done
+    for i in per_shard[0][:-1]:
+        memorization.model_path(models, i).touch()
+    assert not is_done(s0, ledger, published_root=tmp_path / "pub")   # one model missing
+    memorization.model_path(models, per_shard[0][-1]).touch()
+    assert is_done(s0, ledger, published_root=tmp_path / "pub")
+    for f in models.iterdir():
+        f.unlink()
+    assert not is_done(s0, ledger, published_root=tmp_path / "pub")
+    merged = tmp_path / "pub" / "bat" / "results" / "memorization-cifar10-y"
+    merged.mkdir(parents=True)
+    (merged / "DONE").touch()
+    ledger[merge.id] = {"spec_hash": pieces.spec_hash(merge),
+                        "folders": ["memorization-cifar10-y"]}
+    assert is_done(s0, ledger, published_root=tmp_path / "pub")
+    assert results.results_root() == tmp_path

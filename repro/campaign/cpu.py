@@ -253,16 +253,21 @@ def compile_check(*, remeasure: bool = False, log=print) -> dict:
     return mine["compile"]
 
 
-def use_compile(check: dict, piece_s: float, env: str = "REPRO_COMPILE") -> tuple[bool, str]:
+def use_compile(check: dict, piece_s: float, env: str = "REPRO_COMPILE",
+                compiles: int = 1) -> tuple[bool, str]:
     """Whether a piece of ``piece_s`` estimated seconds trains (evaluates, with ``env``
-    "REPRO_COMPILE_EVAL" and the evaluation's check) compiled, and why."""
+    "REPRO_COMPILE_EVAL" and the evaluation's check) compiled, and why. ``compiles``: how
+    many models it compiles (each pays the warm-up: BAT's subset-model shards train 150)."""
     forced = os.environ.get(env, "").strip()
     if forced in ("0", "1"):
         return forced == "1", f"{env}={forced} set for the runner"
     speed, warm = check.get("speedup") or 0.0, check.get("compile_warmup_s") or float("inf")
+    warm *= max(1, compiles)
     ok = speed >= COMPILE_MIN_SPEEDUP and warm <= COMPILE_MAX_WARMUP * piece_s
-    return ok, (f"compiled step {speed:.2f}x eager, warm-up {warm:.0f} s "
-                f"({'<=' if ok else 'not <='} {COMPILE_MAX_WARMUP:.0%} of the piece) and "
+    return ok, (f"compiled step {speed:.2f}x eager, warm-up {warm:.0f} s"
+                + (f" ({compiles} models)" if compiles > 1 else "")
+                + f" ({'<=' if warm <= COMPILE_MAX_WARMUP * piece_s else 'not <='} "
+                f"{COMPILE_MAX_WARMUP:.0%} of the piece) and "
                 f"speed-up {'>=' if speed >= COMPILE_MIN_SPEEDUP else '<'} "
                 f"{COMPILE_MIN_SPEEDUP}")
 
@@ -270,9 +275,10 @@ def use_compile(check: dict, piece_s: float, env: str = "REPRO_COMPILE") -> tupl
 def piece_compiles(piece: Piece, check: dict, rates_: dict) -> tuple[bool, str]:
     """``use_compile`` for ``piece``'s training; a piece that trains nothing (an
     ``evaluate`` piece) is not."""
-    if not any(j.models for j in piece_jobs(piece)):
+    models = sum(j.models for j in piece_jobs(piece))
+    if not models:
         return False, "nothing to train"
-    return use_compile(check, piece_seconds(piece, rates_))
+    return use_compile(check, piece_seconds(piece, rates_), compiles=models)
 
 
 def piece_compiles_eval(piece: Piece, check: dict, rates_: dict) -> tuple[bool, str]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from repro.campaign.pieces import Piece, piece_config
+from repro.campaign.pieces import BY_ID, Piece, piece_config
 
 # Counting (see the package docstring): the H200's measured rate and stated efficiencies.
 H200_BF16_FLOPS = 788e12   # measured 8192^3 bf16 matmul, KINDS.md (2026-10-28)
@@ -244,6 +244,17 @@ def _atypical_fraction(cfg: dict) -> float:
 def workload_bat(cfg: dict, piece: Piece | None = None) -> list[Job]:
     stage = piece.stage if piece is not None else "all"
     jobs = []
+    if stage.startswith("memorization-shard:"):   # models i, i + N, ... of the K
+        from repro import memorization
+        from repro.experiments.bat import mem_k_for
+        ds, shard = stage.split(":", 1)[1].split(":")
+        n = _n_train(cfg["n_train"], ds, cfg["n_val"])
+        k = len(memorization.shard_models(mem_k_for(cfg, ds), memorization.parse_shard(shard)))
+        per = 3 if cfg["mem_method"] == "standard" else 2 * cfg["train_steps"] + 3
+        arch = Arch(cfg["mem_arch"], cfg["mem_width"], ds)
+        return [Job(arch, k * (cfg["mem_epochs"] * n * cfg["mem_fraction"] * per + n
+                               + cfg["n_test"]), cfg["mem_batch_size"],
+                    f"{k} subset models {ds}", models=k)]
     n = _n_train(cfg["n_train"], cfg["dataset"], cfg["n_val"])
     nt = cfg["n_test"]
     mem_sets = []
@@ -251,13 +262,16 @@ def workload_bat(cfg: dict, piece: Piece | None = None) -> list[Job]:
         mem_sets.append((cfg["dataset"], True))
     if cfg["contrast"] != "none" and (stage == "all" or stage == f"memorization:{cfg['contrast']}"):
         mem_sets.append((cfg["contrast"], False))
+    from repro.experiments.bat import mem_k_for
+    sharded = piece is not None and f"{piece.id}-shard0" in BY_ID   # its models: the shards
     for ds, proxy in mem_sets:
         arch = Arch(cfg["mem_arch"], cfg["mem_width"], ds)
         m = n * cfg["mem_fraction"]
         per = 3 if cfg["mem_method"] == "standard" else 2 * cfg["train_steps"] + 3
-        jobs.append(Job(arch, cfg["mem_k"] * (cfg["mem_epochs"] * m * per + n + nt),
-                        cfg["mem_batch_size"], f"{cfg['mem_k']} subset models {ds}",
-                        models=cfg["mem_k"]))
+        k = mem_k_for(cfg, ds)
+        if not (sharded and ds == cfg["dataset"]):   # else the shard pieces train them
+            jobs.append(Job(arch, k * (cfg["mem_epochs"] * m * per + n + nt),
+                            cfg["mem_batch_size"], f"{k} subset models {ds}", models=k))
         if proxy:
             jobs.append(Job(arch, cfg["mem_epochs"] * (n * 3 + n) + 2 * (n + nt),
                             cfg["mem_batch_size"], f"proxy {ds}"))

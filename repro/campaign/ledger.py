@@ -49,5 +49,25 @@ def is_done(piece: Piece, ledger: dict, dry_run: bool = False,
     entry = ledger.get(piece.id)
     if not entry or entry.get("spec_hash") != spec_hash(piece, dry_run):
         return False
+    if piece.stage.startswith("memorization-shard:"):
+        return _shard_present(piece, entry, ledger, dry_run, published_root)
     return all(_run_present(piece.chapter, f, published_root, piece.stage == "train")
                for f in entry["folders"])
+
+
+def _shard_present(piece: Piece, entry: dict, ledger: dict, dry_run: bool,
+                   published_root: Path | None) -> bool:
+    """A shard of subset models (never published) is there while each of its model files is
+    in the local cache, or once the piece that merges the shards is done (its estimate is
+    published; the models are not needed again)."""
+    from repro import memorization
+    from repro.campaign.pieces import BY_ID, piece_config
+    from repro.experiments.bat import mem_k_for
+    if any(is_done(q, ledger, dry_run, published_root) for q in BY_ID.values()
+           if piece.id in q.needs and q.stage.startswith("memorization:")):
+        return True
+    dataset, shard = piece.stage.split(":", 1)[1].split(":")
+    k = mem_k_for(piece_config(piece, dry_run), dataset)
+    models = results.results_root() / piece.chapter / entry["folders"][0] / "models"
+    return all(memorization.model_path(models, i).exists()
+               for i in memorization.shard_models(k, memorization.parse_shard(shard)))

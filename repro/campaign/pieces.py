@@ -27,7 +27,8 @@ class Piece:
     overrides: dict = field(default_factory=dict)   # restrict the gpu preset (not in run keys)
     only: tuple | None = None                        # run names, for chapters whose run() has it
     stage: str = "run"          # "run", "train" / "evaluate" (one model's two halves),
-                                # or "memorization:<dataset>" (BAT)
+                                # "memorization:<dataset>" (BAT) or, before it, its subset
+                                # models in shards: "memorization-shard:<dataset>:<i>/<N>"
     claims: tuple = ()                               # claim ids this piece's results decide
     needs: tuple = ()                                # piece ids that must be done first
     datasets: tuple = ()                             # what must be staged on the machine
@@ -91,6 +92,7 @@ PIECES: list[Piece] = [
 # then `evaluate` (finds them and evaluates). Training resumes from its last epoch
 # checkpoint after a kill; HE's evaluation from its last finished stage.
 _HE_RUN = {"variants": ["pgd_at"]}
+BAT_SHARDS = 4   # BAT overnight's CIFAR-10 subset models: K = 600 in 4 pieces of 150
 
 
 def _split(id_: str, chapter: str, title: str, *, claims=(), needs=(), **kw) -> list[Piece]:
@@ -141,8 +143,17 @@ OVERNIGHT_PIECES: list[Piece] = [
     # AdvProp: vanilla (0.85 h) is one piece; shared-BN and AdvProp (2.0 and 2.3 h) are two
     *[q for s in (0, 1) for m in ("vanilla", "shared_bn", "advprop")
       for q in _advprop_pieces(m, s)],
-    Piece("bat-o-mem-cifar10", "bat", "memorization: K subset models + proxy, CIFAR-10",
-          stage="memorization:cifar10", datasets=("cifar10",), preset="overnight"),
+    # K = 600 subset models (the atypical test split's influence SE <= 0.05) in shards of
+    # at most 2 hours, then the estimate, the split and the proxy
+    *[Piece(f"bat-o-mem-cifar10-shard{i}", "bat", f"memorization: subset models {i}, "
+            f"{i + BAT_SHARDS}, ... of K (shard {i + 1} of {BAT_SHARDS}), CIFAR-10",
+            stage=f"memorization-shard:cifar10:{i}/{BAT_SHARDS}", datasets=("cifar10",),
+            preset="overnight") for i in range(BAT_SHARDS)],
+    Piece("bat-o-mem-cifar10", "bat", "memorization: the K subset models merged, the "
+          "estimate, the atypical splits and the proxy, CIFAR-10",
+          stage="memorization:cifar10",
+          needs=tuple(f"bat-o-mem-cifar10-shard{i}" for i in range(BAT_SHARDS)),
+          datasets=("cifar10",), preset="overnight"),
     Piece("bat-o-mem-cifar100", "bat", "memorization contrast: K subset models, CIFAR-100",
           stage="memorization:cifar100", datasets=("cifar100",), preset="overnight"),
     *[Piece(f"bat-o-{name}", "bat", title, only=(name,),

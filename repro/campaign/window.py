@@ -34,6 +34,20 @@ def run_piece(piece: Piece, dry_run: bool = False, progress: bool = False) -> di
     reused (the caller packs those)."""
     module = experiments.get(piece.chapter)
     preset, overrides = preset_for(dry_run, piece), piece_overrides(piece, dry_run)
+    if piece.stage.startswith("memorization-shard:"):
+        # shard i/N of the K subset models (BAT): recorded one model at a time, merged by the
+        # piece "memorization:<dataset>"
+        from repro import memorization
+        from repro.experiments import common
+        import torch
+        dataset, shard = piece.stage.split(":", 1)[1].split(":")
+        cfg = module.SPEC.resolve(preset, **overrides)
+        torch.manual_seed(cfg["seed"])
+        ds = common.load_dataset(dataset, n_train=cfg["n_train"], n_test=cfg["n_test"],
+                                 n_val=cfg["n_val"])
+        st = module.train_subset_shard(cfg, ds, common.pick_device(cfg["device"]),
+                                       memorization.parse_shard(shard), progress)
+        return {f"subsets-{dataset}": st["folder"]}
     if piece.stage.startswith("memorization:"):
         from repro.experiments import common
         dataset = piece.stage.split(":", 1)[1]

@@ -49,6 +49,9 @@ SPEC = Spec(CHAPTER, [
           ge=0, le=2000),
     Param("n_test", "int", "test images", ge=1, le=10000),
     Param("mem_k", "int", "number of subset models K of the memorization estimator", ge=2),
+    Param("contrast_mem_k", "int", "K for the contrast dataset (None: mem_k); the contrast "
+          "is a description, the main dataset's K decides the atypical test split",
+          optional=True, ge=2),
     Param("mem_fraction", "float", "fraction of the training set each subset model sees",
           gt=0, lt=1),
     Param("mem_arch", "str", "architecture of the subset models and the proxy run",
@@ -95,7 +98,7 @@ SPEC = Spec(CHAPTER, [
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     "smoke": dict(dataset="cifar100", contrast="cifar10", n_train=600, n_val=100, n_test=300,
-                  mem_k=4, mem_fraction=0.7, mem_arch="small_cnn", mem_width=4, mem_epochs=2,
+                  mem_k=4, contrast_mem_k=None, mem_fraction=0.7, mem_arch="small_cnn", mem_width=4, mem_epochs=2,
                   mem_batch_size=100, mem_augment=False, mem_method="standard", arch="small_cnn", width=4, epochs=2, lr=0.05,
                   milestones=[0.5, 0.75], batch_size=100, eps255=8.0, train_steps=2,
                   eval_steps=3, restarts=1, t=0.15, split_source="estimate", n_neighbors=5,
@@ -109,7 +112,7 @@ SPEC = Spec(CHAPTER, [
     # of 40 min), AutoAttack on 1000 test images (~50 s a run, 6 runs) and finding (b) as
     # the gpu preset tests it: typical-only against all.
     "laptop": dict(dataset="cifar10", contrast="cifar100", n_train=10000, n_val=500,
-                   n_test=1000, mem_k=32, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
+                   n_test=1000, mem_k=32, contrast_mem_k=None, mem_fraction=0.7, mem_arch="small_cnn", mem_width=16,
                    mem_epochs=10, mem_batch_size=128, mem_augment=False,
                    mem_method="standard", arch="small_cnn", width=32, epochs=15,
                    lr=0.05, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
@@ -123,7 +126,8 @@ SPEC = Spec(CHAPTER, [
     # our memorization estimate at the laptop's K = 32 stays beside the published split (its
     # agreement with it is shown) and still picks the atypical *test* examples (influence).
     "overnight": dict(dataset="cifar10", contrast="cifar100", n_train=None, n_val=1000,
-                      n_test=10000, mem_k=32, mem_fraction=0.7, mem_arch="small_cnn",
+                      n_test=10000, mem_k=600, contrast_mem_k=32, mem_fraction=0.7,
+                      mem_arch="small_cnn",
                       mem_width=16, mem_epochs=10, mem_batch_size=128, mem_augment=False,
                       mem_method="standard", arch="preact_resnet18", width=16, epochs=15,
                       lr=0.1, milestones=[0.5, 0.75], batch_size=128, eps255=8.0,
@@ -135,7 +139,7 @@ SPEC = Spec(CHAPTER, [
     # CIFAR-100, the same on CIFAR-10 (the contrast), then the five AT runs (~4-6 min each by
     # counted operations; not yet measured). Finding (b) compares typical-only with all.
     "gpu": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000, n_test=5000,
-                mem_k=100, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
+                mem_k=100, contrast_mem_k=None, mem_fraction=0.7, mem_arch="preact_resnet18", mem_width=16,
                 mem_epochs=10, mem_batch_size=512, mem_augment=True,
                 mem_method="standard", arch="preact_resnet18", width=32,
                 epochs=12, lr=0.1, milestones=[0.5, 0.75], batch_size=256, eps255=8.0,
@@ -144,7 +148,7 @@ SPEC = Spec(CHAPTER, [
                 atypical_fractions=[0.0, 1.0], curve_test=1000, autoattack="fast",
                 seed=0, device="auto"),
     "paper": dict(dataset="cifar100", contrast="cifar10", n_train=None, n_val=1000,
-                  n_test=10000, mem_k=2000, mem_fraction=0.7, mem_arch="preact_resnet18",
+                  n_test=10000, mem_k=2000, contrast_mem_k=None, mem_fraction=0.7, mem_arch="preact_resnet18",
                   mem_width=64, mem_epochs=30, mem_batch_size=128, mem_augment=True,
                   mem_method="standard", arch="preact_resnet18",
                   width=64, epochs=160, lr=0.1, milestones=[0.5, 0.75], batch_size=128,
@@ -273,11 +277,20 @@ def _record(run: results.Run) -> dict:
 
 # ----------------------------------------------------------------------------- memorization
 
+def mem_k_for(cfg, dataset: str) -> int:
+    """K subset models for ``dataset``: ``contrast_mem_k`` for the contrast dataset where
+    set, else ``mem_k``."""
+    if (dataset == cfg.get("contrast") and dataset != cfg["dataset"]
+            and cfg.get("contrast_mem_k") is not None):
+        return cfg["contrast_mem_k"]
+    return cfg["mem_k"]
+
+
 def _mem_config(cfg, name: str) -> dict:
     keys = ("n_train", "n_val", "n_test", "mem_k", "mem_fraction", "mem_arch", "mem_width",
             "mem_epochs", "mem_batch_size", "mem_augment", "mem_method", "lr", "milestones", "batch_size", "eps255",
             "train_steps", "seed")
-    return {"dataset": name, **{k: cfg[k] for k in keys}}
+    return {"dataset": name, **{k: cfg[k] for k in keys}, "mem_k": mem_k_for(cfg, name)}
 
 
 def _mem_objective(cfg):
@@ -289,7 +302,7 @@ def _mem_objective(cfg):
 
 
 def _subset_estimation(cfg, ds, run_path: Path) -> memorization.SubsetEstimation:
-    return memorization.SubsetEstimation(run_path / "models", len(ds.y_train), cfg["mem_k"],
+    return memorization.SubsetEstimation(run_path / "models", len(ds.y_train), mem_k_for(cfg, ds.name),
                                          cfg["mem_fraction"], cfg["seed"])
 
 
@@ -353,8 +366,9 @@ def subset_status(cfg, ds) -> dict:
     run = subset_folder(cfg, ds)
     est = _subset_estimation(cfg, ds, run.path)
     missing = [] if run.done else est.missing()
-    return {"dataset": ds.name, "folder": str(run.path), "k": cfg["mem_k"],
-            "done": cfg["mem_k"] - len(missing), "missing": missing, "merged": run.done}
+    k = mem_k_for(cfg, ds.name)
+    return {"dataset": ds.name, "folder": str(run.path), "k": k,
+            "done": k - len(missing), "missing": missing, "merged": run.done}
 
 
 def train_subset_shard(cfg, ds, device, shard: tuple[int, int], progress=False) -> dict:
