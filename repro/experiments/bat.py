@@ -126,7 +126,7 @@ SPEC = Spec(CHAPTER, [
     # Our memorization estimate stays beside the published split (its agreement with it is
     # shown) and picks the atypical *test* examples (the largest influence of an atypical
     # training neighbour), which nobody published: K = 600 subset models bring that
-    # influence's SE to about 0.045 at worst (350 models in, 250 out of each pair at 70%),
+    # influence's SE to about 0.045 at worst (sqrt(1/4 / 420 + 1/4 / 180): 70% subsets),
     # under finding (a)'s 0.05 (four campaign shards of about 1.4 CPU-hours). The CIFAR-100
     # contrast, a description, stays at K = 32.
     "overnight": dict(dataset="cifar10", contrast="cifar100", n_train=None, n_val=1000,
