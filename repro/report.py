@@ -48,7 +48,11 @@ def precision_note(result: dict) -> str:
                    "pick bf16")
     if any(a.startswith("bf16") for a in counts):
         how.append("`REPRO_AMP=bf16` the bf16 ones")
-    return f" Training precision: {parts}; " + " and ".join(how) + " (evaluation is fp32)."
+    compiled = sum(bool(((run.get("metrics") or {}).get("evaluation") or {}).get("compile"))
+                   for run in result["runs"].values())
+    ev = ("evaluation is fp32" + (f", compiled with torch.compile in {compiled} of them"
+                                  if compiled else ""))
+    return f" Training precision: {parts}; " + " and ".join(how) + f" ({ev})."
 
 
 def provenance_banner(result: dict) -> Markdown:
@@ -61,7 +65,9 @@ def provenance_banner(result: dict) -> Markdown:
         {"folder": run.get("path", name), "wall_time_s": run["provenance"].get("wall_time_s"),
          "upstream_wall_time_s": (run.get("metrics") or {}).get("upstream_wall_time_s")}
         for name, run in result["runs"].items())["compute_wall_time_s"]
-    lines = [f"**Run:** preset `{cfg['preset']}`, seed {cfg.get('seed')}, "
+    from repro.publish import run_seeds
+    from repro.scorecard import seed_words
+    lines = [f"**Run:** preset `{cfg['preset']}`, {seed_words(run_seeds(cfg))}, "
              f"device {', '.join(devices)}, library commit {', '.join(commits)}, "
              f"computed {min(r['date'] for r in rows)[:10]}, {wall / 60:.1f} min of compute."
              + precision_note(result)]

@@ -195,6 +195,22 @@ def test_the_run_sentence_names_every_seed_the_verdicts_pair_over():
     assert scorecard.seed_words(3) == "seed 3" and scorecard.seed_words([2]) == "seed 2"
 
 
+def test_precision_note_says_which_evaluations_ran_compiled():
+    from repro import report
+
+    def run(compiled):
+        m = {"training": {"precision": {"amp": "bf16"}}}
+        if compiled is not None:
+            m["evaluation"] = {"compile": compiled}
+        return {"metrics": m, "provenance": {"device": "cpu"}}
+    eager = {"runs": {"a": run(None), "b": run(False)}}
+    assert report.precision_note(eager).endswith("(evaluation is fp32).")
+    mixed = {"runs": {"a": run(True), "b": run(False), "c": run(True)}}
+    assert "bf16 (3 runs)" in report.precision_note(mixed)
+    assert report.precision_note(mixed).endswith(
+        "(evaluation is fp32, compiled with torch.compile in 2 of them).")
+
+
 def test_sync_from_source_applies_tags_and_only_prose_the_outputs_back():
     executed = {"cells": [
         _md("old intro", "m0"),
