@@ -253,3 +253,39 @@ def test_claim_verdicts_follow_the_numbers():
     out = judge["advprop.clean-gain-b7"].judge(small)
     assert out.verdict == claims.INCONCLUSIVE and out.floor_met is False
     assert {c.id for c in claims.claims_for("advprop")} == set(judge)
+
+
+def test_corruption_claim_pairs_over_images_where_the_runs_keep_them(cifar10):
+    """The evaluation keeps per-image correctness per corruption x severity set, in the
+    order of metrics["corruptions"]; the corruption claim then pairs AdvProp and vanilla
+    over the same corrupted images (and seeds), not only over per-seed means."""
+    import numpy as np
+    import torch
+    from repro import claims, corruptions
+    from repro.experiments import advprop as chapter
+    from repro.experiments import common
+    cfg = chapter.SPEC.resolve("smoke", n_test=20, n_corrupt=10, eval_steps=1)
+    ds = cifar10.limit(n_train=10, n_val=10, n_test=20)
+    sets = [("contrast", 3), ("gaussian_noise", 1)]
+    corrupted = {(c, s): corruptions.corrupt_uint8(ds.x_test[:10], c, s, seed=0)
+                 for c, s in sets}
+    model = common.model_for("preact_resnet18", ds, width=4)().eval()
+    metrics, arrays = chapter._evaluate(model, ds, cfg, corrupted, torch.device("cpu"), False)
+    assert arrays["correct_corrupt"].shape == (2, 10)
+    for row, key in zip(arrays["correct_corrupt"], metrics["corruptions"]):
+        assert row.mean() == metrics["corruptions"][key]
+
+    n = 10000
+    result = _fake_result(lambda m, w, s, e: {"vanilla": 0.92, "shared_bn": 0.90}.get(m, 0.93),
+                          {"seeds": [0, 1, 2]})
+    for name, r in result["runs"].items():
+        c = r["metrics"]["corruption_mean"]
+        r["arrays"]["correct_corrupt"] = np.stack([np.arange(n) < round(c * n)] * 2)
+    out = {c.id: c for c in chapter.CLAIMS}["advprop.corruptions"].judge(result)
+    assert out.verdict == claims.REPRODUCED
+    assert "paired over the same corrupted images" in out.note
+    assert chapter.corruption_stack(result, "advprop").shape == (3, n)
+    del result["runs"]["advprop_w8_e1_s2"]["arrays"]["correct_corrupt"]   # an older run
+    assert chapter.corruption_stack(result, "advprop") is None
+    assert "one value per seed" in {c.id: c for c in chapter.CLAIMS}[
+        "advprop.corruptions"].judge(result).note
