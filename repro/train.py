@@ -530,7 +530,8 @@ def train(model: nn.Module, objective: Callable, dataset: data_lib.Dataset, cfg:
         _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)
 
     # torch.compile wraps the training steps only: validation and the final evaluation run
-    # the uncompiled module (an attack's many batch sizes would each recompile)
+    # the uncompiled module (an attack's many batch sizes would each recompile); a chapter's
+    # evaluation may compile its own (common.evaluation_model)
     net = par.wrap(torch.compile(model) if precision["compile"] else model, device)
 
     def save_checkpoint():

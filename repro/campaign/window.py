@@ -34,29 +34,22 @@ def run_piece(piece: Piece, dry_run: bool = False, progress: bool = False) -> di
     reused (the caller packs those)."""
     module = experiments.get(piece.chapter)
     preset, overrides = preset_for(dry_run, piece), piece_overrides(piece, dry_run)
-    if piece.stage.startswith("memorization-shard:"):
-        # shard i/N of the K subset models (BAT): recorded one model at a time, merged by the
-        # piece "memorization:<dataset>"
+    if piece.stage.startswith("memorization"):
+        # BAT: "memorization-shard:<data>:<i>/<N>" trains shard i/N of the K subset models
+        # (one file per model); "memorization:<data>" merges them into the estimate
         from repro import memorization
         from repro.experiments import common
         import torch
-        dataset, shard = piece.stage.split(":", 1)[1].split(":")
-        cfg = module.SPEC.resolve(preset, **overrides)
-        torch.manual_seed(cfg["seed"])
-        ds = common.load_dataset(dataset, n_train=cfg["n_train"], n_test=cfg["n_test"],
-                                 n_val=cfg["n_val"])
-        st = module.train_subset_shard(cfg, ds, common.pick_device(cfg["device"]),
-                                       memorization.parse_shard(shard), progress)
-        return {f"subsets-{dataset}": st["folder"]}
-    if piece.stage.startswith("memorization:"):
-        from repro.experiments import common
-        dataset = piece.stage.split(":", 1)[1]
-        import torch
+        dataset, _, shard = piece.stage.split(":", 1)[1].partition(":")
         cfg = module.SPEC.resolve(preset, **overrides)
         torch.manual_seed(cfg["seed"])       # as bat.run does before its memorization runs
         device = common.pick_device(cfg["device"])
         ds = common.load_dataset(dataset, n_train=cfg["n_train"], n_test=cfg["n_test"],
                                  n_val=cfg["n_val"])
+        if shard:
+            st = module.train_subset_shard(cfg, ds, device, memorization.parse_shard(shard),
+                                           progress)
+            return {f"subsets-{dataset}": st["folder"]}
         main = dataset == cfg["dataset"]
         mem = module.memorization_run(cfg, ds, device, progress, with_proxy=main)
         runs = {"memorization" if main else "memorization_contrast": mem.path}

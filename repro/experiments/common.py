@@ -78,11 +78,11 @@ class stop_after_training:
 def evaluation_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
     """The module an evaluation attacks, and what it is: ``model`` itself (eager, at its own
     dtype), or ``torch.compile(model)`` where ``REPRO_COMPILE_EVAL=1`` (the CPU campaign sets
-    it where it measured a compiled fp32 PGD step faster: 2.1x on a 2-core AVX-512 EPYC,
-    1.75 against 0.84 ms per image-pass). Compiling changes no arithmetic type: the attack is
+    it where it measured a compiled fp32 PGD step faster: 2.07x on a 2-core AVX-512 EPYC,
+    2.06 against 1.00 ms per image-pass). Compiling changes no arithmetic type: the attack is
     the same fp32 attack, its sign steps only follow a differently fused computation, so
     individual adversarial images differ where a gradient is near 0 (the accuracy is the
-    same estimate; tests/test_train.py checks clean predictions agree). Other attributes
+    same estimate; tests/test_evaluate.py checks that they agree). Other attributes
     (``model.head``, submodules) are the model's own; a new batch size recompiles once, then
     the batch dimension is dynamic."""
     import os
