@@ -140,8 +140,18 @@ def test_runner_computes_places_records_and_never_reruns(tmp_path, monkeypatch, 
     assert not list((tmp_path / "results").rglob("DONE"))
     assert not (pub / "campaign-ledger.json").exists()
 
+    # a runner killed outright (a session's end) leaves its piece "running" with the last
+    # heartbeat: the resumed piece counts that time as run before
+    status_path = cpu.state_dir("overnight") / "status.json"
+    killed = json.loads(status_path.read_text())
+    killed["pieces"][train].update(status="running", ran_s=1000.0)
+    killed["pieces"][train].pop("measured_before_s", None)
+    status_path.write_text(json.dumps(killed))
+
     # the training piece alone: trained weights, no evaluation, nothing placed
     alone = cpu.campaign_run("overnight", **{**kw, "pieces": [train]})
+    assert 1000 < alone["pieces"][train]["measured_s"] < 1000 + 600
+    assert "ran_s" not in alone["pieces"][train]
     folder = next(iter(alone["pieces"][train]["runs"].values())).rsplit("/", 1)[-1]
     run_dir = tmp_path / "results" / "he" / folder
     assert (run_dir / "train" / "result.json").exists() and not (run_dir / "DONE").exists()

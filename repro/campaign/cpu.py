@@ -539,6 +539,11 @@ class _Runner:
     def run_piece(self, p: Piece, est: float, compile_: bool = False, why: str = "",
                   compile_eval: bool = False, why_eval: str = "") -> dict:
         entry = self.status["pieces"].setdefault(p.id, {})
+        if entry.get("status") == "running" and entry.get("ran_s"):
+            # its runner was killed outright (a session's end): the last heartbeat is the
+            # time it had run, which the resumed piece adds to its own
+            entry["measured_before_s"] = entry["ran_s"]
+        entry.pop("ran_s", None)
         entry.update({"chapter": p.chapter, "estimate_s": round(est, 1),
                       "spec_hash": spec_hash(p, self.dry_run), "started": _now(),
                       "status": "running", "compile": compile_, "compile_why": why,
@@ -580,11 +585,14 @@ class _Runner:
                 if time.monotonic() - last >= ETA_EVERY_S:
                     last = time.monotonic()
                     ran = last - t
+                    entry["ran_s"] = round(ran + before, 1)   # the heartbeat a kill leaves
+                    self.save()
                     self.log(f"[campaign] {p.id}: running {(ran + before) / 60:.0f} min of an "
                              f"estimated {est / 60:.0f} ({100 * (ran + before) / est:.0f}%)")
             rc = self.child.wait()
             self.child = None
         measured = time.monotonic() - t
+        entry.pop("ran_s", None)
         entry.update({"measured_s": round(measured + entry.get("measured_before_s", 0), 1),
                       "returncode": rc, "ended": _now()})
         got = json.loads(record.read_text()) if record.exists() and rc == 0 else None
