@@ -327,10 +327,12 @@ def _upstream_wall_time(run_folder: Path) -> float | None:
 
 
 def run_seeds(config: dict):
-    """The seed(s) a publication's runs were trained at: AdvProp's list of ``seeds``; a
+    """The seed(s) a publication's runs were trained at: AdvProp's list of ``seeds`` plus
+    its ``extra_seeds`` (overnight: [0, 1, 2], the last for vanilla and AdvProp only); a
     chapter's ``seed`` plus its ``extra_seeds`` (HE at overnight: [0, 1]); else one int."""
     if "seeds" in config:
-        return list(config["seeds"])
+        seeds = list(config["seeds"])
+        return seeds + [s for s in config.get("extra_seeds") or [] if s not in seeds]
     extra = [s for s in config.get("extra_seeds") or [] if s != config.get("seed")]
     return [config.get("seed"), *extra] if extra else config.get("seed")
 

@@ -289,3 +289,35 @@ def test_corruption_claim_pairs_over_images_where_the_runs_keep_them(cifar10):
     assert chapter.corruption_stack(result, "advprop") is None
     assert "one value per seed" in {c.id: c for c in chapter.CLAIMS}[
         "advprop.corruptions"].judge(result).note
+
+
+def test_extra_seeds_train_vanilla_and_advprop_only_and_feed_their_claims():
+    """``extra_seeds`` (overnight: [2]) adds vanilla and AdvProp runs, not shared BN: the
+    AdvProp − vanilla claims pair over all three seeds (the corruption floor's 3), the
+    AdvProp − shared-BN claim over the two seeds both were trained at."""
+    import numpy as np
+    from repro import claims
+    from repro.experiments import advprop as chapter
+    assert chapter.SPEC.resolve("overnight")["extra_seeds"] == [2]
+    result = _fake_result(lambda m, w, s, e: {"vanilla": 0.92, "shared_bn": 0.90}.get(m, 0.93),
+                          {"extra_seeds": [2]})
+    names = set(result["runs"])
+    assert {"vanilla_w8_s2", "advprop_w8_e1_s2"} <= names and "shared_bn_w8_e1_s2" not in names
+    assert chapter.method_seeds(result["config"], "shared_bn") == [0, 1]
+    for name, r in result["runs"].items():
+        c = r["metrics"]["corruption_mean"]
+        r["arrays"]["correct_corrupt"] = np.stack([np.arange(10000) < round(c * 10000)] * 2)
+    judge = {c.id: c for c in chapter.CLAIMS}
+    assert chapter.clean_gain(result).seeds == 3
+    assert chapter.clean_gain(result, "shared_bn").seeds == 2
+    assert "3 seed(s)" in judge["advprop.clean-gain-b7"].judge(result).ours
+    corr = judge["advprop.corruptions"].judge(result)
+    assert corr.verdict == claims.REPRODUCED and corr.floor_met
+    assert judge["advprop.aux-bn"].judge(result).verdict == claims.REPRODUCED
+    s = result["summary"]
+    assert s["methods"]["vanilla"]["clean"]["n"] == 3 == s["advprop_minus_vanilla_clean"]["n"]
+    assert s["methods"]["shared_bn"]["clean"]["n"] == 2 == s["advprop_minus_shared_clean"]["n"]
+    assert list(chapter.table(result)["seeds"]) == [3, 2, 3]
+    # without the third seed the corruption claim stays below its floor (seeds_min 3)
+    two = _fake_result(lambda m, w, s, e: {"vanilla": 0.92, "shared_bn": 0.90}.get(m, 0.93))
+    assert judge["advprop.corruptions"].judge(two).floor_met is False

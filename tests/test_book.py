@@ -186,6 +186,8 @@ def test_the_run_sentence_names_every_seed_the_verdicts_pair_over():
     """HE's overnight runs are trained at seed 0 and at its extra seed 1, and the gain claims
     pair over both: the box and the scorecard name both, not the config's first seed."""
     assert publish.run_seeds({"seed": 0, "extra_seeds": [1]}) == [0, 1]
+    assert publish.run_seeds({"seeds": [0, 1], "extra_seeds": [2, 1]}) == [0, 1, 2]
+    assert publish.run_seeds({"seeds": [0, 1]}) == [0, 1]   # published before extra_seeds
     assert publish.run_seeds({"seed": 0, "extra_seeds": []}) == 0
     assert publish.run_seeds({"seed": 1, "extra_seeds": [1]}) == 1
     assert publish.run_seeds({"seeds": [0, 1, 2]}) == [0, 1, 2]   # AdvProp's list

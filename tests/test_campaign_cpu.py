@@ -38,6 +38,14 @@ def test_overnight_pieces_cover_every_chapter_and_resolve():
                        .claims_for(p.chapter))
     with pytest.raises(ValueError, match="no campaign pieces for preset 'laptop'"):
         pieces.pieces_for("laptop")
+    # AdvProp's pieces train exactly its overnight plan (extra_seeds' runs included), and
+    # each of its claims but the gpu-only ablation is some piece's
+    from repro.experiments import advprop
+    plan = {r[0] for r in advprop.plan(advprop.SPEC.resolve("overnight"))}
+    assert plan == {n for p in ps if p.chapter == "advprop" for n in p.only}
+    assert "advprop_w32_e1_s2" in plan and "shared_bn_w32_e1_s2" not in plan
+    decided = {c for p in ps if p.chapter == "advprop" for c in p.claims}
+    assert decided == {c.id for c in advprop.CLAIMS} - {"advprop.bigger-stronger"}
     # needs come first in the run order
     order = [p.id for p in cpu.order(ps)]
     for p in ps:

@@ -57,13 +57,16 @@ SPEC = Spec("advprop", [
     Param("lr", "float", "peak SGD learning rate (cosine schedule)", gt=0),
     Param("seeds", "list[int]", "seeds of the main comparison (data order, init, attacks); "
           "the ablation uses the first", ge=0, min_items=1),
+    Param("extra_seeds", "list[int]", "more seeds at which vanilla and AdvProp only (not "
+          "shared BN) are trained: the AdvProp − vanilla claims pair over `seeds` and these "
+          "(the corruption claim's floor asks for 3 seeds)", ge=0),
     Param("device", "str", "'auto', 'cpu' or 'cuda'"),
 ], presets={
     "smoke": dict(epochs=1, n_train=256, n_test=200, n_corrupt=100, arch="preact_resnet18",
                   widths=[4, 8], eps=1, eps_grid=[1, 4], targeted=False,
                   corruptions=["gaussian_noise", "gaussian_blur", "contrast", "jpeg_compression"],
                   severities=[3], eval_eps=2, eval_steps=5, batch_size=32, lr=0.05, seeds=[0],
-                  device="auto"),
+                  extra_seeds=[], device="auto"),
     # laptop: about 25 min on 2 CPU cores (10 runs, timed in the chapter): one epoch of the
     # full CIFAR-10 training set at widths 4 and 8, two seeds of the main comparison, 2,000
     # test images for the paired differences. Models far above chance, far below the paper's
@@ -73,29 +76,31 @@ SPEC = Spec("advprop", [
                    corruptions=["gaussian_noise", "shot_noise", "gaussian_blur", "contrast",
                                 "brightness", "jpeg_compression", "pixelate"],
                    severities=[1, 3, 5], eval_eps=2, eval_steps=10, batch_size=128, lr=0.1,
-                   seeds=[0, 1], device="auto"),
+                   seeds=[0, 1], extra_seeds=[], device="auto"),
     # overnight (provisional: the pilot of issue 26 that picks the recipe reaching >= 90%
     # clean is not yet run): width 32, 20 epochs of the full training set, the paper's weak
-    # attacker (eps 1/255, 2 steps), two seeds, the full test set; about 12 CPU-hours by
-    # counted operations at a measured rate (python -m repro campaign plan --device cpu).
+    # attacker (eps 1/255, 2 steps), two seeds of all three methods and a third of vanilla
+    # and AdvProp (the corruption claim's floor), the full test set; about 11.4 CPU-hours
+    # by counted operations at a measured rate (python -m repro campaign plan --device cpu).
     "overnight": dict(epochs=20, n_train=None, n_test=10000, n_corrupt=2000,
                       arch="preact_resnet18", widths=[32], eps=1, eps_grid=[1],
                       targeted=False, corruptions=list(corruptions.NAMES),
                       severities=[1, 3, 5], eval_eps=2, eval_steps=20, batch_size=128,
-                      lr=0.1, seeds=[0, 1], device="auto"),
+                      lr=0.1, seeds=[0, 1], extra_seeds=[2], device="auto"),
     # gpu: ~25-30 H100-minutes by our estimate (12 runs, bf16); resumable, and
     # run(only=[...]) splits it over sessions. eps 3/255 is left to the paper preset.
     "gpu": dict(epochs=8, n_train=None, n_test=10000, n_corrupt=2000, arch="preact_resnet18",
                 widths=[16, 64], eps=1, eps_grid=[1, 2, 4], targeted=False,
                 corruptions=list(corruptions.NAMES), severities=[1, 2, 3, 4, 5], eval_eps=2,
-                eval_steps=20, batch_size=128, lr=0.1, seeds=[0, 1], device="auto"),
+                eval_steps=20, batch_size=128, lr=0.1, seeds=[0, 1], extra_seeds=[],
+                device="auto"),
     # paper: the paper's protocol (eps 1-4, eps+1 steps, long schedule) at CIFAR scale; the
     # ImageNet ResNet-50 / EfficientNet models themselves are out of scope.
     "paper": dict(epochs=200, n_train=None, n_test=10000, n_corrupt=10000,
                   arch="preact_resnet18", widths=[32, 64], eps=1, eps_grid=[1, 2, 3, 4],
                   targeted=False, corruptions=list(corruptions.NAMES),
                   severities=[1, 2, 3, 4, 5], eval_eps=2, eval_steps=20, batch_size=256,
-                  lr=0.1, seeds=[0, 1, 2], device="auto"),
+                  lr=0.1, seeds=[0, 1, 2], extra_seeds=[], device="auto"),
 })
 
 METHODS = ("vanilla", "shared_bn", "advprop")
@@ -246,6 +251,10 @@ def plan(cfg: dict) -> list[tuple[str, str, int, int, int | None]]:
         for method in METHODS:
             eps = None if method == "vanilla" else cfg["eps"]
             runs.append((run_name(method, big, seed, eps), method, big, seed, eps))
+    for seed in cfg.get("extra_seeds") or []:
+        runs.append((run_name("vanilla", big, seed), "vanilla", big, seed, None))
+        runs.append((run_name("advprop", big, seed, cfg["eps"]), "advprop", big, seed,
+                     cfg["eps"]))
     for width in cfg["widths"]:
         runs.append((run_name("vanilla", width, s0), "vanilla", width, s0, None))
         for e in cfg["eps_grid"]:
@@ -329,11 +338,19 @@ def run(preset: str = "smoke", progress: bool = True, only=None, attacker: str =
 
 # ----------------------------------------------------------------------------- summaries
 
-def _main_runs(result: dict, method: str) -> list[dict]:
+def method_seeds(cfg: dict, method: str) -> list[int]:
+    """The seeds at which the main comparison trains ``method``: ``seeds``, and for vanilla
+    and AdvProp also ``extra_seeds`` (configs published before it existed have none)."""
+    extra = [] if method == "shared_bn" else cfg.get("extra_seeds") or []
+    return list(cfg["seeds"]) + [s for s in extra if s not in cfg["seeds"]]
+
+
+def _main_runs(result: dict, method: str, seeds=None) -> list[dict]:
     cfg = result["config"]
     big = cfg["widths"][-1]
     eps = None if method == "vanilla" else cfg["eps"]
-    return [result["runs"][run_name(method, big, s, eps)]["metrics"] for s in cfg["seeds"]]
+    seeds = method_seeds(cfg, method) if seeds is None else seeds
+    return [result["runs"][run_name(method, big, s, eps)]["metrics"] for s in seeds]
 
 
 def _spread(values) -> dict:
@@ -350,9 +367,12 @@ def summarize(result: dict) -> dict:
         ms = _main_runs(result, method)
         s["methods"][method] = {k: _spread([m[k] for m in ms])
                                 for k in ("clean", "corruption_mean", "pgd")}
-    van, sh, adv = (_main_runs(result, m) for m in METHODS)
+    # AdvProp − vanilla over both methods' seeds (extra_seeds too); − shared BN over seeds
+    van, adv = (_main_runs(result, m) for m in ("vanilla", "advprop"))
+    sh, adv_sh = (_main_runs(result, m, cfg["seeds"]) for m in ("shared_bn", "advprop"))
     s["advprop_minus_vanilla_clean"] = _spread([a["clean"] - v["clean"] for a, v in zip(adv, van)])
-    s["advprop_minus_shared_clean"] = _spread([a["clean"] - b["clean"] for a, b in zip(adv, sh)])
+    s["advprop_minus_shared_clean"] = _spread([a["clean"] - b["clean"]
+                                               for a, b in zip(adv_sh, sh)])
     s["advprop_minus_vanilla_corruption"] = _spread(
         [a["corruption_mean"] - v["corruption_mean"] for a, v in zip(adv, van)])
     per_c = {}
@@ -392,12 +412,13 @@ def hours_curve(result: dict):
 
 
 def table(result: dict):
-    """Main comparison (largest width): accuracy % as mean over seeds (± std where > 1 seed)."""
+    """Main comparison (largest width): accuracy % as mean over each method's seeds (± std
+    where > 1 seed; ``method_seeds``), with the number of seeds."""
     import pandas as pd
     rows = {}
     for method in METHODS:
         m = result["summary"]["methods"][method]
-        row = {}
+        row = {"seeds": m["clean"]["n"]}
         for k, label in (("clean", "clean"), ("corruption_mean", "corruptions (mean)"),
                          ("pgd", f"PGD-{result['config']['eval_steps']} "
                                  f"ε={result['config']['eval_eps']}/255")):
@@ -405,11 +426,13 @@ def table(result: dict):
             if m[k]["std"] is not None:
                 row[label + " ±"] = 100 * m[k]["std"]
         rows[LABELS[method]] = row
-    return pd.DataFrame(rows).T.round(2)
+    out = pd.DataFrame(rows).T.round(2)
+    return out.astype({"seeds": int})
 
 
 def corruption_table(result: dict):
-    """Accuracy % per corruption/severity, one column per method (mean over seeds)."""
+    """Accuracy % per corruption/severity, one column per method (mean over its seeds,
+    ``method_seeds``)."""
     import pandas as pd
     cols = {}
     for method in METHODS:
@@ -446,7 +469,7 @@ def paper_table(result: dict):
     van, adv = s["methods"]["vanilla"]["clean"]["mean"], s["methods"]["advprop"]["clean"]["mean"]
     est = clean_gain(result)
     rows[f"ours: {cfg['arch']} width {cfg['widths'][-1]} — CIFAR-10 ({cfg['preset']}, "
-         f"{len(cfg['seeds'])} seed(s))"] = {"vanilla": f"{100 * van:.2f}",
+         f"{est.seeds} seed(s))"] = {"vanilla": f"{100 * van:.2f}",
                                               "AdvProp": f"{100 * adv:.2f}",
                                               "Δ (points)": f"{est} (95% interval)",
                                               "source": "this run, paired over "
@@ -462,10 +485,11 @@ def _summary(result: dict) -> dict:
 
 def _stack(result: dict, method: str, width: int | None = None, eps=None,
            seeds=None) -> np.ndarray:
-    """Per-example clean correctness, shape (seeds, n_test), of the main comparison's runs."""
+    """Per-example clean correctness, shape (seeds, n_test), of the main comparison's runs
+    (at ``method_seeds`` unless ``seeds`` is given)."""
     cfg = result["config"]
     width = cfg["widths"][-1] if width is None else width
-    seeds = cfg["seeds"] if seeds is None else seeds
+    seeds = method_seeds(cfg, method) if seeds is None else seeds
     if method != "vanilla" and eps is None:
         eps = cfg["eps"]
     return np.stack([np.asarray(result["runs"][run_name(method, width, s, eps)]["arrays"]
@@ -481,8 +505,10 @@ def _facts(result: dict, n: int, seeds: int) -> dict:
 
 def clean_gain(result: dict, other: str = "vanilla") -> claims.Estimate:
     """AdvProp − ``other`` clean accuracy (points), paired over the same test images and
-    seeds (repro.claims.paired)."""
-    return claims.paired(_stack(result, other), _stack(result, "advprop"))
+    the seeds both were trained at (repro.claims.paired)."""
+    seeds = method_seeds(result["config"], other)
+    return claims.paired(_stack(result, other, seeds=seeds),
+                         _stack(result, "advprop", seeds=seeds))
 
 
 def _clean_gain(claim_id: str):
@@ -502,7 +528,9 @@ def _clean_gain(claim_id: str):
 def _aux_bn(result: dict) -> claims.Outcome:
     s = _summary(result)
     est = clean_gain(result, "shared_bn")
-    hurt = claims.paired(_stack(result, "vanilla"), _stack(result, "shared_bn"))
+    seeds = result["config"]["seeds"]   # shared BN's seeds
+    hurt = claims.paired(_stack(result, "vanilla", seeds=seeds),
+                         _stack(result, "shared_bn", seeds=seeds))
     sh = s["methods"]["shared_bn"]["clean"]["mean"]
     van = s["methods"]["vanilla"]["clean"]["mean"]
     adv = s["methods"]["advprop"]["clean"]["mean"]
@@ -534,12 +562,13 @@ def _bigger_stronger(result: dict) -> claims.Outcome:
 
 def corruption_stack(result: dict, method: str) -> np.ndarray | None:
     """Per image, the fraction of the corruption x severity sets it is classified right
-    under, shape (seeds, n_corrupt), for the main comparison's runs of ``method``; None
+    under, shape (seeds, n_corrupt), for the main comparison's runs of ``method`` (at
+    ``method_seeds``); None
     where a run has no per-image corruption arrays (runs evaluated before they were kept)."""
     cfg = result["config"]
     eps = None if method == "vanilla" else cfg["eps"]
     rows = []
-    for seed in cfg["seeds"]:
+    for seed in method_seeds(cfg, method):
         a = result["runs"][run_name(method, cfg["widths"][-1], seed, eps)].get("arrays") or {}
         if "correct_corrupt" not in a:
             return None
