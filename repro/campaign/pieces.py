@@ -137,6 +137,9 @@ OVERNIGHT_PIECES: list[Piece] = [
     *_split("he-o-pgd_at_he-s0", "he", "PGD-AT+HE, seed 0 (the same initial body and data "
             "order as PGD-AT)", overrides=_HE_RUN, only=("pgd_at_he",), datasets=("cifar10",),
             preset="overnight"),
+    # AdvProp's pilot (is the vanilla recipe at >= 90% clean?) before HE's second seed: its
+    # answer decides AdvProp's other 10.7 hours, which can then be changed before they run
+    *_advprop_pieces("vanilla", 0),
     *_split("he-o-pgd_at-s1", "he", "PGD-AT, seed 1", overrides={**_HE_RUN, "seed": 1},
             only=("pgd_at",), datasets=("cifar10",), preset="overnight"),
     *_split("he-o-pgd_at_he-s1", "he", "PGD-AT+HE, seed 1", overrides={**_HE_RUN, "seed": 1},
@@ -154,7 +157,7 @@ OVERNIGHT_PIECES: list[Piece] = [
     # AdvProp: vanilla (0.67 h) is one piece; shared-BN and AdvProp (1.8 and 1.9 h) are two;
     # seed 2 trains vanilla and AdvProp only (the corruption claim's third seed)
     *[q for s in (0, 1) for m in ("vanilla", "shared_bn", "advprop")
-      for q in _advprop_pieces(m, s)],
+      if (m, s) != ("vanilla", 0) for q in _advprop_pieces(m, s)],
     *[q for m in ("vanilla", "advprop") for q in _advprop_pieces(m, 2)],
     # K = 600 subset models (the atypical test split's influence SE <= 0.05) in shards of
     # at most 2 hours, then the estimate, the split and the proxy
