@@ -267,3 +267,23 @@ def test_bat_subset_models_are_shards_of_at_most_two_hours_then_one_merge(tmp_pa
                         "folders": ["memorization-cifar10-y"]}
     assert is_done(s0, ledger, published_root=tmp_path / "pub")
     assert results.results_root() == tmp_path
+
+
+def test_a_runner_stopped_by_a_signal_keeps_its_piece_s_time(tmp_path, monkeypatch):
+    """SIGTERM to the runner (``campaign_run``'s handler calls ``interrupted``) marks the
+    running piece interrupted with the time it ran, counted on from what it ran before, so
+    its resumption's ETA and measured time go on from there (not from zero)."""
+    import time
+    monkeypatch.setenv("REPRO_RESULTS", str(tmp_path / "results"))
+    runner = cpu._Runner("overnight", None, False, lambda *_: None,
+                         published_root=tmp_path / "published")
+    entry = runner.status["pieces"].setdefault("he-o-pgd_at-s0-train",
+                                              {"status": "running", "ran_s": 60.0})
+    runner.status["running"] = "he-o-pgd_at-s0-train"
+    runner.current = (entry, time.monotonic() - 100.0, 50.0)   # 100 s now, 50 s before
+    runner.interrupted()
+    saved = json.loads((cpu.state_dir("overnight") / "status.json").read_text())
+    got = saved["pieces"]["he-o-pgd_at-s0-train"]
+    assert got["status"] == "interrupted" and "ran_s" not in got
+    assert 150.0 <= got["measured_before_s"] < 160.0
+    assert saved["running"] is None and runner.current is None

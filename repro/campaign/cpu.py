@@ -520,6 +520,7 @@ class _Runner:
                             "budget_s": budget_s, "running": None})
         self.status.setdefault("pieces", {})
         self.child: subprocess.Popen | None = None
+        self.current: tuple[dict, float, float] | None = None   # (entry, start, run before)
 
     def log(self, msg: str) -> None:
         line = f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -568,6 +569,7 @@ class _Runner:
                  f" ({why}), of evaluation {'on' if compile_eval else 'off'} ({why_eval}); "
                  f"progress in {self.dir / (p.id + '.log')}")
         t = time.monotonic()
+        self.current = (entry, t, before)
         with (self.dir / f"{p.id}.log").open("a") as out:
             out.write(f"\n===== {_now()} {' '.join(cmd)}\n")
             out.flush()
@@ -592,6 +594,7 @@ class _Runner:
             rc = self.child.wait()
             self.child = None
         measured = time.monotonic() - t
+        self.current = None
         entry.pop("ran_s", None)
         entry.update({"measured_s": round(measured + entry.get("measured_before_s", 0), 1),
                       "returncode": rc, "ended": _now()})
@@ -643,6 +646,18 @@ class _Runner:
                 self.log(f"[campaign] {p.id}: committed {sha}")
         self.save()
 
+    def interrupted(self) -> None:
+        """The runner is stopping by a signal: the running piece is interrupted, and the
+        time it ran is kept for its resumption (as a budget's end keeps it)."""
+        if self.current is not None:
+            entry, t, before = self.current
+            entry.pop("ran_s", None)
+            entry.update(status="interrupted", ended=_now(),
+                         measured_before_s=round(before + time.monotonic() - t, 1))
+            self.current = None
+        self.status["running"] = None
+        self.save()
+
     def stop_child(self) -> None:
         if self.child is not None and self.child.poll() is None:
             os.killpg(self.child.pid, signal.SIGTERM)
@@ -671,8 +686,7 @@ def campaign_run(preset: str = "overnight", *, budget_s: float | None = None,
     def on_term(signum, frame):   # a kill of the runner stops its child too
         runner.log(f"[campaign] signal {signum}: stopping")
         runner.stop_child()
-        runner.status["running"] = None
-        runner.save()
+        runner.interrupted()
         raise SystemExit(128 + signum)
     previous = signal.signal(signal.SIGTERM, on_term)
     runner.log(f"[campaign] runner {os.getpid()} started: {len(chosen)} pieces, budget "
