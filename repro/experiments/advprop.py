@@ -546,7 +546,9 @@ def _bigger_stronger(result: dict) -> claims.Outcome:
     ws = sorted(abl, key=int)
     s0, lo, hi = cfg["seeds"][0], cfg["eps_grid"][0], cfg["eps_grid"][-1]
     if len(ws) < 2 or lo == hi:
-        return claims.Outcome("—", claims.NOT_YET_RUN, note="needs two widths and two ε")
+        return claims.Outcome("—", claims.NOT_YET_RUN,
+                              note="needs two widths and two ε: the gpu preset has them "
+                                   "(widths 16 and 64, ε 1, 2, 4/255)")
 
     def acc(w, e):
         return _stack(result, "advprop", int(w), e, [s0])[0].astype(float)
