@@ -35,7 +35,7 @@ def _overrides(pairs) -> dict:
 
 def _add_chapter_args(p):
     p.add_argument("chapter", help=f"one of: {', '.join(experiments.CHAPTERS)}")
-    p.add_argument("--preset", default="smoke", help="smoke, laptop, gpu or paper")
+    p.add_argument("--preset", default="smoke", help=", ".join(params.PRESETS))
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override one parameter (repeatable)")
 
