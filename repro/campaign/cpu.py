@@ -755,6 +755,9 @@ def format_status(preset: str = "overnight") -> str:
         meas = (f", measured {e['measured_s'] / 3600:.2f} h vs estimated "
                 f"{e['estimate_s'] / 3600:.2f} h" if e.get("measured_s") and
                 e.get("estimate_s") else "")
+        trained = (ledger.get(p.id) or {}).get("training_s") or 0
+        if meas and trained > e["measured_s"]:   # weights trained by an earlier process
+            meas += f" (the trainer's own time: {trained / 3600:.2f} h)"
         lines.append(f"  {p.id:<30} {state}{meas}")
     running = status.get("running")
     if alive and running and running not in {p.id for p in pieces_for(preset)}:
